@@ -1,0 +1,301 @@
+"""
+Talking to one AceStream engine (CONTRACTS.md §1).
+
+Every call here is bounded in time by the injected clock, and every body is
+read by a small protocol that aborts its connection when cancelled or when the
+body grows past a limit — ``treq.collect`` can do neither (STYLE.md pitfall 3).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+
+from acexy_tw.content import ContentKey
+
+#: JSON answers are small; anything bigger is not an engine talking.
+MAX_JSON_BODY = 256 * 1024
+
+
+class EngineError(Exception):
+    """The engine refused, failed or sent something that is not video (502)."""
+
+    http_status = 502
+
+
+class EngineTimeout(EngineError):
+    """The engine did not answer in time (504)."""
+
+    http_status = 504
+
+
+@dataclass(frozen=True)
+class EngineAddress:
+    """Where we reach an engine: what we rewrite its self-reported URLs to."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+    def rewrite(self, url: str) -> str:
+        """Point an engine-reported URL at the address we actually used."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise EngineError(f"engine sent an unusable URL: {url[:200]!r}")
+        return urlunsplit((self.scheme, self.netloc, parts.path, parts.query, ""))
+
+
+@dataclass(frozen=True)
+class PlaybackInfo:
+    """What the engine said when it accepted a session (URLs already rewritten)."""
+
+    playback_url: str
+    stat_url: str
+    command_url: str
+    infohash: str
+    playback_session_id: str
+    is_live: int
+
+
+class _BodyReader(Protocol):
+    """Collects a small body; cancellable; aborts past ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            self.transport.stopProducing()
+            if not self.done.called:
+                self.done.errback(EngineError(f"engine answer larger than {self._limit} bytes"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
+def read_body(response: IResponse, limit: int = MAX_JSON_BODY) -> Deferred[bytes]:
+    """The whole (small) body of ``response``; cancelling aborts the connection."""
+    reader = _BodyReader(limit)
+    response.deliverBody(reader)
+    return reader.done
+
+
+def discard_body(response: IResponse) -> None:
+    """Drop a response we will not read, closing its connection."""
+    response.deliverBody(_Discard())
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def describe(failure: Failure) -> str:
+    """A short, human reason for a network failure (no tracebacks, no URLs)."""
+    if failure.check(ResponseNeverReceived, ResponseFailed):
+        reasons = getattr(failure.value, "reasons", None) or []
+        return "; ".join(r.getErrorMessage() for r in reasons) or failure.getErrorMessage()
+    return failure.getErrorMessage()
+
+
+def bounded(d: Deferred, seconds: float, clock: IReactorTime, what: str) -> Deferred:
+    """
+    ``d``, cancelled after ``seconds``. Failures come out typed: a timeout as
+    :class:`EngineTimeout`, anything else (refused, reset, garbage) as
+    :class:`EngineError`; a cancellation by the caller stays a cancellation.
+    """
+
+    def on_error(failure: Failure) -> Failure:
+        if failure.check(EngineError, CancelledError):
+            return failure
+        if failure.check(DeferredTimeout, neterror.TimeoutError):
+            raise EngineTimeout(f"engine did not answer {what} within {seconds:g}s")
+        raise EngineError(f"engine {what} failed: {describe(failure)}")
+
+    return d.addTimeout(seconds, clock).addErrback(on_error)
+
+
+def _text(body: bytes, limit: int = 200) -> str:
+    return body[:limit].decode("utf-8", "replace").strip()
+
+
+class EngineClient:
+    """
+    One engine: start a session, open its playback, stop it, ask its stat.
+
+    ``http`` is a ``treq.client.HTTPClient`` built on the service's own
+    connection pool (or a ``StubTreq`` in tests); ``clock`` bounds every call.
+    """
+
+    def __init__(
+        self,
+        http: Any,
+        address: EngineAddress,
+        clock: IReactorTime,
+        *,
+        timeout: float,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self._http = http
+        self.address = address
+        self._clock = clock
+        self.timeout = timeout
+        self.stop_timeout = stop_timeout
+
+    def __repr__(self) -> str:
+        return f"<EngineClient {self.address.url}>"
+
+    # -- session start -------------------------------------------------------
+
+    def start(self, key: ContentKey) -> Deferred[PlaybackInfo]:
+        """Ask the engine for a playback session (``format=json``, fresh pid)."""
+        return bounded(
+            Deferred.fromCoroutine(self._start(key)), self.timeout, self._clock, "getstream"
+        )
+
+    async def _start(self, key: ContentKey) -> PlaybackInfo:
+        query = [("format", "json"), *key.engine_params(), ("pid", uuid.uuid4().hex)]
+        url = f"{self.address.url}/ace/getstream?{urlencode(query)}"
+        response = await self._get(url)
+        body = await read_body(response)
+        return self._parse_start(response.code, body)
+
+    def _parse_start(self, code: int, body: bytes) -> PlaybackInfo:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise EngineError(f"engine answered {code}: {_text(body) or 'empty body'}") from None
+        if not isinstance(doc, dict):
+            raise EngineError(f"engine answered {code} with unexpected JSON")
+        if doc.get("error"):
+            raise EngineError(f"engine error: {str(doc['error'])[:300]}")
+        resp = doc.get("response")
+        if not isinstance(resp, dict):
+            raise EngineError(f"engine answered {code} without a session")
+        try:
+            return PlaybackInfo(
+                playback_url=self.address.rewrite(str(resp["playback_url"])),
+                stat_url=self.address.rewrite(str(resp["stat_url"])),
+                command_url=self.address.rewrite(str(resp["command_url"])),
+                infohash=str(resp.get("infohash") or ""),
+                playback_session_id=str(resp.get("playback_session_id") or ""),
+                is_live=int(resp.get("is_live") or 0),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise EngineError(f"engine session answer is incomplete: {e}") from None
+
+    # -- playback --------------------------------------------------------------
+
+    def open_playback(self, info: PlaybackInfo) -> Deferred[IResponse]:
+        """The playback response, headers received and status checked (body unread)."""
+        return bounded(
+            Deferred.fromCoroutine(self._open_playback(info)),
+            self.timeout,
+            self._clock,
+            "playback",
+        )
+
+    async def _open_playback(self, info: PlaybackInfo) -> IResponse:
+        response = await self._get(info.playback_url)
+        if response.code != 200:
+            # An error page is not video: read a little of it for the message.
+            body = await read_body(response, limit=MAX_JSON_BODY)
+            raise EngineError(f"engine playback answered {response.code}: {_text(body) or 'no body'}")
+        return response
+
+    # -- control ---------------------------------------------------------------
+
+    def stop(self, info: PlaybackInfo) -> Deferred[None]:
+        """Send ``method=stop``; bounded by ``stop_timeout`` (engines do hang)."""
+        return bounded(
+            Deferred.fromCoroutine(self._command(info, "stop")),
+            self.stop_timeout,
+            self._clock,
+            "stop",
+        )
+
+    async def _command(self, info: PlaybackInfo, method: str) -> None:
+        sep = "&" if urlsplit(info.command_url).query else "?"
+        response = await self._get(f"{info.command_url}{sep}method={method}")
+        body = await read_body(response)
+        if response.code != 200:
+            raise EngineError(f"engine {method} answered {response.code}: {_text(body)}")
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise EngineError(f"engine {method} answered {_text(body)!r}") from None
+        if isinstance(doc, dict) and doc.get("error"):
+            raise EngineError(f"engine {method} error: {str(doc['error'])[:300]}")
+
+    def stat(self, info: PlaybackInfo) -> Deferred[dict]:
+        return bounded(
+            Deferred.fromCoroutine(self._json(info.stat_url)), self.timeout, self._clock, "stat"
+        )
+
+    def version(self) -> Deferred[dict]:
+        """Cheap liveness probe: ``/webui/api/service?method=get_version``."""
+        return bounded(
+            Deferred.fromCoroutine(
+                self._json(f"{self.address.url}/webui/api/service?method=get_version")
+            ),
+            self.timeout,
+            self._clock,
+            "get_version",
+        )
+
+    async def _json(self, url: str) -> dict:
+        response = await self._get(url)
+        body = await read_body(response)
+        if response.code != 200:
+            raise EngineError(f"engine answered {response.code}: {_text(body)}")
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise EngineError(f"engine answered non-JSON: {_text(body)!r}") from None
+        if not isinstance(doc, dict):
+            raise EngineError("engine answered unexpected JSON")
+        return doc
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _get(self, url: str) -> Deferred[IResponse]:
+        # unbuffered: we read bodies ourselves (bounded, cancellable);
+        # no redirects: an engine never redirects, and a redirect elsewhere
+        # would leave the address we rewrite to.
+        return self._http.get(url, unbuffered=True, allow_redirects=False)

@@ -1,0 +1,183 @@
+"""
+The service tree: everything that starts here also stops here.
+
+    AcexyService (MultiService)
+      ├─ [demo] SimEngineService  — the simulated engine, in-process
+      └─ ListenerService          — the web listener (strports description)
+    owned directly: the HTTP connection pool, the engine client, the registry
+
+Stop order matters and is explicit: stop accepting players, close every engine
+session (stop commands sent, playback connections closed), close the pool
+(bounded: it can hang, Twisted #7738), and only then stop the demo engine so
+it still receives the stop commands.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.endpoints import serverFromString
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+from treq.client import HTTPClient
+
+from acexy_tw import __version__
+from acexy_tw.config import Config, ConfigError
+from acexy_tw.content import ContentKey
+from acexy_tw.engine import EngineAddress, EngineClient
+from acexy_tw.logs import get_logger, set_level
+from acexy_tw.streaming.registry import SessionRegistry
+from acexy_tw.web.app import ProxyApp
+
+log = get_logger(__name__)
+
+#: shutdown budget for stop commands and pool closing (the whole stop must fit in 5 s)
+STOP_BUDGET = 3.0
+
+DEMO_CONTENT_ID = "0123456789abcdef0123456789abcdef01234567"
+
+
+class QuietSite(Site):
+    """A Site without the per-request access log (flash wear on routers)."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+class ListenerService(Service):
+    """Listens on a strports endpoint; a synchronous failure (port in use)
+    aborts start-up with a message naming the address."""
+
+    def __init__(self, description: str, endpoint: Any, factory: Any) -> None:
+        self.description = description
+        self._endpoint = endpoint
+        self._factory = factory
+        self.port: Any = None
+        self.listening: Deferred = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        failures: list[Failure] = []
+        d = self._endpoint.listen(self._factory)
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            raise ConfigError(
+                "ACEXY_LISTEN_ADDR", self.description, f"cannot listen: {failures[0].getErrorMessage()}"
+            )
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
+        self.listening.callback(port)
+
+    def stopService(self) -> Optional[Deferred]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+class AcexyService(MultiService):
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 8
+        self.pool.cachedConnectionTimeout = 60
+        self.pool.retryAutomatically = False  # a retried getstream would open a second session
+        self.http = HTTPClient(
+            Agent(reactor, pool=self.pool, connectTimeout=config.no_response_timeout)
+        )
+        self.engine = EngineClient(
+            self.http,
+            EngineAddress(config.engine_scheme, config.engine_host, config.engine_port),
+            reactor,
+            timeout=config.no_response_timeout,
+            stop_timeout=min(config.no_response_timeout, STOP_BUDGET),
+        )
+        self.registry = SessionRegistry(
+            self._place,
+            reactor,
+            empty_timeout=config.empty_timeout,
+            linger=config.linger,
+        )
+        self.web = ProxyApp(
+            self.registry,
+            reactor,
+            buffer_size=config.buffer_size,
+            stuck_timeout=config.empty_timeout,
+        )
+        self.site = QuietSite(self.web.resource(), reactor=reactor)
+        self.sim: Any = None
+        if config.demo:
+            from acexy_tw.sim.service import SimEngineService
+
+            self.sim = SimEngineService(reactor)
+            self.sim.setServiceParent(self)
+        try:
+            endpoint = serverFromString(reactor, config.listen)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError("ACEXY_LISTEN_ADDR", config.listen, f"not a valid listen address: {e}") from None
+        self.listener = ListenerService(config.listen, endpoint, self.site)
+        self.listener.setServiceParent(self)
+
+    async def _place(self, key: ContentKey) -> EngineClient:
+        return self.engine
+
+    def startService(self) -> None:
+        set_level(self.config.log_level)
+        if self.sim is not None:
+            self.sim.startService()  # listen first: the engine address depends on it
+            self.engine.address = EngineAddress("http", "127.0.0.1", self.sim.port_number)
+        for child in self:
+            if child is not self.sim:
+                child.startService()
+        Service.startService(self)
+        self.listener.listening.addCallback(self._announce)
+
+    def _announce(self, port: Any) -> None:
+        host = port.getHost()
+        where = f"{getattr(host, 'host', host)}:{getattr(host, 'port', '')}"
+        log.info(
+            "acexy-tw {version} serving on {where}, engine {engine}",
+            version=__version__.public(),
+            where=where,
+            engine=self.engine.address.url,
+        )
+        if self.sim is not None:
+            shown = "127.0.0.1" if host.host in ("0.0.0.0", "::") else host.host
+            log.info(
+                "demo: simulated engine running; try\n"
+                "    curl -s 'http://{h}:{p}/ace/getstream?id={cid}' | head -c 1M | ffprobe -\n"
+                "  or open http://{h}:{p}/ace/getstream?id={cid} in VLC / mpv / ffplay",
+                h=shown,
+                p=host.port,
+                cid=DEMO_CONTENT_ID,
+            )
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self._bounded(self.listener.stopService(), "listener")
+        await self._bounded(self.registry.shutdown(), "engine sessions")
+        await self._bounded(self.pool.closeCachedConnections(), "connection pool", 1.0)
+        if self.sim is not None:
+            await self._bounded(self.sim.stopService(), "demo engine", 1.0)
+
+    async def _bounded(self, d: Optional[Deferred], what: str, seconds: float = STOP_BUDGET) -> None:
+        if d is None:
+            return
+        try:
+            await d.addTimeout(seconds, self.reactor)
+        except DeferredTimeout:
+            log.warn("shutdown: {what} did not finish within {s:g}s", what=what, s=seconds)
+        except Exception as e:  # shutdown goes on whatever one step did
+            log.warn("shutdown: {what} failed: {e}", what=what, e=e)

@@ -1,0 +1,197 @@
+"""
+ClientSink: one player's end of a stream.
+
+A sink is the push producer registered on the player's HTTP request (so the
+player's TCP buffer pauses *it*, never the engine directly) and the consumer
+of the session's fan-out. What the player's transport will not take yet waits
+in a bounded backlog; past the cap, or when the player has taken nothing for
+too long, the player is cut so it never holds back anyone else.
+
+Lifecycle, all transitions idempotent:
+
+    waiting ──first bytes──> streaming ──session ends──> ended
+       │                        │
+       └──── player gone / cut / failed ─────────────────> ended
+
+``done`` is the Deferred the web route returns to Klein: it fires with None
+after a clean end (Klein then finishes the request), errbacks with the engine
+error when the session failed before this player got a single byte (so the
+route can answer 502/504 instead of an empty 200), and is cancelled by Klein
+when the player disconnects (its canceller detaches the sink).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from acexy_tw.logs import get_logger
+from zope.interface import implementer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from acexy_tw.streaming.session import EngineSession
+
+log = get_logger(__name__)
+
+
+@implementer(IPushProducer)
+class ClientSink:
+    WAITING, STREAMING, ENDED = "waiting", "streaming", "ended"
+
+    def __init__(
+        self,
+        request: Any,
+        *,
+        clock: IReactorTime,
+        max_backlog: int,
+        stuck_timeout: float,
+        peer: str = "?",
+        on_cut: Optional[Callable[["ClientSink", str], None]] = None,
+    ) -> None:
+        self.request = request
+        self.session: Optional[EngineSession] = None
+        self.peer = peer
+        self.state = self.WAITING
+        self.paused = False
+        self.max_backlog = max_backlog
+        self.backlog_bytes = 0
+        self.bytes_sent = 0
+        self.cut_reason: Optional[str] = None
+        self.connected_at = clock.seconds()
+        self._backlog: deque[bytes] = deque()
+        self._clock = clock
+        self._stuck_timeout = stuck_timeout
+        self._stuck_call: Optional[IDelayedCall] = None
+        self._on_cut = on_cut
+        self.done: Deferred[None] = Deferred(self._cancelled)
+        request.registerProducer(self, True)
+
+    def __repr__(self) -> str:
+        return f"<ClientSink {self.peer} {self.state} sent={self.bytes_sent} backlog={self.backlog_bytes}>"
+
+    @property
+    def ended(self) -> bool:
+        return self.state == self.ENDED
+
+    # -- data from the session ------------------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        """Hand ``data`` (whole TS packets) to this player, or queue it."""
+        if self.state == self.ENDED:
+            return
+        self.state = self.STREAMING
+        if self.paused or self._backlog:
+            self._backlog.append(data)
+            self.backlog_bytes += len(data)
+            if self.backlog_bytes > self.max_backlog:
+                self.cut(f"backlog over {self.max_backlog} bytes")
+            return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        self.bytes_sent += len(data)
+        # May re-enter pauseProducing synchronously when the transport fills.
+        self.request.write(data)
+
+    # -- IPushProducer (driven by the player's transport) --------------------
+
+    def pauseProducing(self) -> None:
+        # Called on every write while the transport is full: idempotent.
+        if self.paused or self.state == self.ENDED:
+            return
+        self.paused = True
+        if self._stuck_timeout > 0:
+            self._stuck_call = self._clock.callLater(self._stuck_timeout, self._stuck)
+        if self.session is not None:
+            self.session.sink_paused(self)
+
+    def resumeProducing(self) -> None:
+        if not self.paused or self.state == self.ENDED:
+            return
+        self.paused = False
+        self._cancel_stuck()
+        while self._backlog and not self.paused:
+            data = self._backlog.popleft()
+            self.backlog_bytes -= len(data)
+            self._write(data)
+        if not self.paused and self.session is not None:
+            self.session.sink_resumed(self)
+
+    def stopProducing(self) -> None:
+        """The player's connection is gone."""
+        self._detach()
+
+    # -- endings ----------------------------------------------------------------
+
+    def end(self, clean: bool, error: Optional[BaseException]) -> None:
+        """
+        The session is over. A player that got bytes gets a clean end (after its
+        backlog) or, if the session broke, an aborted connection; a player that
+        got nothing gets ``error`` so it can be answered with a real HTTP error.
+        """
+        if self.state == self.ENDED:
+            return
+        if self.state == self.WAITING and error is not None:
+            self._detach()
+            self._unregister()
+            self.done.errback(error)
+        elif clean:
+            backlog = b"".join(self._backlog)
+            self._backlog.clear()
+            self.backlog_bytes = 0
+            self._detach()
+            if backlog:
+                self.bytes_sent += len(backlog)
+                self.request.write(backlog)
+            self._unregister()
+            self.done.callback(None)
+        else:
+            self._abort()
+
+    def cut(self, reason: str) -> None:
+        """Drop a player that cannot keep up: close its connection so it reconnects."""
+        if self.state == self.ENDED:
+            return
+        self.cut_reason = reason
+        log.info("cutting slow client {peer}: {reason}", peer=self.peer, reason=reason)
+        if self._on_cut is not None:
+            self._on_cut(self, reason)
+        self._abort()
+
+    def _stuck(self) -> None:
+        self._stuck_call = None
+        self.cut(f"took no data for {self._stuck_timeout:g}s")
+
+    def _abort(self) -> None:
+        self._detach()
+        channel = getattr(self.request, "channel", None)
+        transport = getattr(channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    def _cancelled(self, _: Deferred) -> None:
+        # Klein cancels ``done`` when the player disconnects.
+        self._detach()
+
+    def _detach(self) -> None:
+        if self.state == self.ENDED:
+            return
+        self.state = self.ENDED
+        self._cancel_stuck()
+        self._backlog.clear()
+        self.backlog_bytes = 0
+        session, self.session = self.session, None
+        if session is not None:
+            session.detach(self)
+
+    def _unregister(self) -> None:
+        if getattr(self.request, "producer", None) is self:
+            self.request.unregisterProducer()
+
+    def _cancel_stuck(self) -> None:
+        if self._stuck_call is not None:
+            if self._stuck_call.active():
+                self._stuck_call.cancel()
+            self._stuck_call = None

@@ -1,0 +1,52 @@
+"""
+``twistd acexy``: options and ``makeService``.
+
+Every setting is an option and an environment variable (flag beats env beats
+default, see :mod:`acexy_tw.config`). A bad value stops start-up with a
+message naming the variable and the value.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from twisted.python import usage
+
+from acexy_tw.config import Config, ConfigError, load_config, option_parameters
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "AceStream proxy: one engine session per content, shared by every player. "
+        "Settings come from ACEXY_* environment variables or these options."
+    )
+    optParameters = option_parameters()
+    optFlags = [
+        ["demo", None, "Run a simulated AceStream engine in-process and use it (try it with VLC/mpv/curl)."],
+    ]
+
+    config: Optional[Config] = None
+
+    def postOptions(self) -> None:
+        try:
+            self.config = load_config(os.environ, self, demo=bool(self["demo"]))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    from acexy_tw.service import AcexyService
+
+    config = options.config
+    if config is None:  # options built without parseOptions (tests)
+        config = load_config(os.environ, options, demo=bool(options.get("demo")))
+    try:
+        return AcexyService(config, reactor)
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None

@@ -1,0 +1,160 @@
+"""
+The HTTP surface (Klein). Thin: parse, call the registry, map errors.
+
+Routes (acexy-compatible):
+- ``GET|HEAD /ace/getstream[/]?id=|content_id=|infohash=`` — MPEG-TS;
+- ``GET /ace/status[?id=]`` — JSON.
+Werkzeug's routing answers other methods with 405 and other paths with 404.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+
+from acexy_tw import __version__
+from acexy_tw.content import BadRequest, parse_query
+from acexy_tw.engine import EngineError
+from acexy_tw.logs import get_logger
+from acexy_tw.streaming.registry import SessionRegistry
+from acexy_tw.streaming.session import EngineSession, ShuttingDown
+from acexy_tw.streaming.sink import ClientSink
+
+log = get_logger(__name__)
+
+TS_CONTENT_TYPE = b"video/MP2T"
+
+
+def _peer(request: Any) -> str:
+    addr = request.getClientAddress()
+    host = getattr(addr, "host", None)
+    return f"{host}:{addr.port}" if host is not None else str(addr)
+
+
+def _text(request: Any, code: int, message: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return (message + "\n").encode("utf-8")
+
+
+def _json(request: Any, doc: Any, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(doc, sort_keys=True).encode("utf-8")
+
+
+class ProxyApp:
+    app = Klein()
+
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        clock: IReactorTime,
+        *,
+        buffer_size: int,
+        stuck_timeout: float,
+        on_cut: Optional[Callable[[ClientSink, str], None]] = None,
+    ) -> None:
+        self.registry = registry
+        self._clock = clock
+        self._buffer_size = buffer_size
+        self._stuck_timeout = stuck_timeout
+        self._on_cut = on_cut
+        self.started_at = clock.seconds()
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- /ace/getstream ---------------------------------------------------------
+
+    @app.route("/ace/getstream", methods=["GET", "HEAD"], endpoint="getstream")
+    @app.route("/ace/getstream/", methods=["GET", "HEAD"], endpoint="getstream_slash")
+    async def getstream(self, request: Any) -> Optional[bytes]:
+        try:
+            key = parse_query(request.args)
+        except BadRequest as e:
+            return _text(request, 400, e.message)
+        request.setHeader(b"content-type", TS_CONTENT_TYPE)
+        request.setHeader(b"cache-control", b"no-cache, no-store")
+        if request.method == b"HEAD":
+            # Players probe with HEAD: answer without touching an engine.
+            return b""
+        transport = getattr(request, "transport", None)
+        if transport is not None and hasattr(transport, "setTcpKeepAlive"):
+            transport.setTcpKeepAlive(True)  # half-open players are found eventually
+        sink = ClientSink(
+            request,
+            clock=self._clock,
+            max_backlog=self._buffer_size,
+            stuck_timeout=self._stuck_timeout,
+            peer=_peer(request),
+            on_cut=self._on_cut,
+        )
+        try:
+            self.registry.join(key, sink)
+        except ShuttingDown as e:
+            sink.end(False, e)
+        try:
+            await sink.done
+        except EngineError as e:
+            return _text(request, e.http_status, str(e))
+        return None
+
+    # -- /ace/status ---------------------------------------------------------------
+
+    @app.route("/ace/status", methods=["GET"], endpoint="status")
+    @app.route("/ace/status/", methods=["GET"], endpoint="status_slash")
+    def status(self, request: Any) -> bytes:
+        ids = [v for v in request.args.get(b"id", []) if v]
+        if not ids:
+            sessions = list(self.registry)
+            return _json(
+                request,
+                {
+                    "streams": len(sessions),
+                    "clients": sum(len(s.sinks) for s in sessions),
+                    "version": __version__.public(),
+                    "uptime": round(self._clock.seconds() - self.started_at, 1),
+                },
+            )
+        wanted = ids[0].decode("utf-8", "replace")
+        sessions = self.registry.find(wanted)
+        if not sessions:
+            return _text(request, 404, "Stream not found")
+        doc = self._describe(sessions[0])
+        doc["stream_id"] = wanted
+        doc["clients"] = sum(len(s.sinks) for s in sessions)
+        if len(sessions) > 1:
+            doc["variants"] = [self._describe(s) for s in sessions]
+        return _json(request, doc)
+
+    def _describe(self, session: EngineSession) -> dict:
+        now = self._clock.seconds()
+        info = session.info
+        return {
+            "key": str(session.key),
+            "state": session.state,
+            "clients": len(session.sinks),
+            "stat_url": info.stat_url if info else None,
+            "playback_session_id": info.playback_session_id if info else None,
+            "engine": session.engine.address.url if session.engine else None,
+            "bytes_in": session.bytes_in,
+            "bytes_out": session.bytes_out,
+            "uptime": round(now - session.created_at, 1),
+            "engine_paused": session.upstream_paused,
+            "client_list": [
+                {
+                    "peer": s.peer,
+                    "bytes": s.bytes_sent,
+                    "backlog": s.backlog_bytes,
+                    "paused": s.paused,
+                    "connected": round(now - s.connected_at, 1),
+                }
+                for s in session.sinks
+            ],
+        }
