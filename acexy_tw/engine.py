@@ -134,21 +134,46 @@ def describe(failure: Failure) -> str:
     return failure.getErrorMessage()
 
 
+def _was_cancelled(failure: Failure) -> bool:
+    """Agent reports a cancelled request as ResponseNeverReceived([CancelledError])."""
+    if failure.check(CancelledError):
+        return True
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(r.check(CancelledError) for r in reasons)
+
+
 def bounded(d: Deferred, seconds: float, clock: IReactorTime, what: str) -> Deferred:
     """
     ``d``, cancelled after ``seconds``. Failures come out typed: a timeout as
     :class:`EngineTimeout`, anything else (refused, reset, garbage) as
     :class:`EngineError`; a cancellation by the caller stays a cancellation.
+
+    (Not ``Deferred.addTimeout``: Agent turns the cancel into
+    ResponseNeverReceived, which addTimeout does not recognise as its own.)
     """
+    timed_out = False
 
-    def on_error(failure: Failure) -> Failure:
-        if failure.check(EngineError, CancelledError):
-            return failure
-        if failure.check(DeferredTimeout, neterror.TimeoutError):
+    def expire() -> None:
+        nonlocal timed_out
+        timed_out = True
+        d.cancel()
+
+    call = clock.callLater(seconds, expire)
+
+    def settle(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+        if not isinstance(result, Failure):
+            return result
+        if timed_out or result.check(DeferredTimeout, neterror.TimeoutError):
             raise EngineTimeout(f"engine did not answer {what} within {seconds:g}s")
-        raise EngineError(f"engine {what} failed: {describe(failure)}")
+        if result.check(EngineError):
+            return result
+        if _was_cancelled(result):
+            raise CancelledError()
+        raise EngineError(f"engine {what} failed: {describe(result)}")
 
-    return d.addTimeout(seconds, clock).addErrback(on_error)
+    return d.addBoth(settle)
 
 
 def _text(body: bytes, limit: int = 200) -> str:

@@ -1,0 +1,606 @@
+"""
+Settings: environment variables and command-line options -> a validated ``Config``.
+
+Everything the proxy can be told lives in one table, :data:`SETTINGS`. Each row
+names the ``Config`` field, the environment variable (acexy's name first, then
+the aliases used by forks), the ``twistd`` option, the default *as text* and the
+parser. The twistd ``Options`` (:func:`option_parameters`) and the docs
+(:func:`settings_markdown`) are generated from the table, so adding a setting
+means adding one row and one ``Config`` field, nothing else.
+
+Defaults go through the same parser as user input, so a bad default fails the
+test suite rather than a router at 3 am.
+
+acexy silently turned a bad value into 0 (``ACEXY_BUFFER_SIZE=4 potatoes``
+gave a zero-byte buffer). Here every bad value is a :class:`ConfigError` that
+names the variable, the option when the value came from the command line, and
+the raw text.
+
+This module must stay reactor-free: it is imported by the twistd plugin scan
+and by unit tests that never start a reactor.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, TypeVar
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "SETTINGS",
+    "Setting",
+    "load_config",
+    "option_parameters",
+    "optional",
+    "parse_bool",
+    "parse_buffer_size",
+    "parse_duration",
+    "parse_host",
+    "parse_listen",
+    "parse_log_level",
+    "parse_non_negative_duration",
+    "parse_port",
+    "parse_positive_duration",
+    "parse_scheme",
+    "parse_size",
+    "settings_markdown",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """
+    A setting's value could not be used.
+
+    ``variable`` is the environment variable that held the value, or the
+    setting's primary variable when the value came from a command-line option
+    (then ``option`` names that option, without dashes). ``value`` is the raw
+    text as given; ``reason`` says what is wrong and, where it helps, what is
+    accepted.
+    """
+
+    def __init__(
+        self,
+        variable: str,
+        value: str,
+        reason: str,
+        option: Optional[str] = None,
+        *,
+        secret: bool = False,
+    ) -> None:
+        self.variable = variable
+        self.value = value
+        self.reason = reason
+        self.option = option
+        self.secret = secret
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.variable if self.option is None else f"{self.variable} (--{self.option})"
+        shown = "<redacted>" if self.secret else repr(self.value)
+        return f"{where}={shown}: {self.reason}"
+
+
+# ---------------------------------------------------------------------------
+# Parsers. Each takes the raw text and returns the typed value, or raises a
+# plain ValueError whose message is the *reason*; load_config wraps it in a
+# ConfigError that names the variable and value. (ConfigError is itself a
+# ValueError, so callers of the bare parsers can catch ValueError either way.)
+# ---------------------------------------------------------------------------
+
+_DURATION_UNITS: Mapping[str, Decimal] = MappingProxyType(
+    {
+        "ns": Decimal("1e-9"),
+        "us": Decimal("1e-6"),
+        "\u00b5s": Decimal("1e-6"),  # µ MICRO SIGN, as Go accepts
+        "\u03bcs": Decimal("1e-6"),  # μ GREEK SMALL LETTER MU, as Go accepts
+        "ms": Decimal("1e-3"),
+        "s": Decimal(1),
+        "m": Decimal(60),
+        "h": Decimal(3600),
+    }
+)
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"  # ASCII digits only, unlike \d
+_BARE_NUMBER_RE = re.compile(rf"{_NUMBER}")
+# One number+unit pair; longest units first so "ms" is not read as "m" + "s".
+_DURATION_PART_RE = re.compile(rf"({_NUMBER})(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_DURATION_HELP = "use e.g. 500ms, 10s, 1m30s, 1h or a number of seconds"
+
+
+def parse_duration(text: str) -> float:
+    """
+    A Go-style duration (``500ms``, ``10s``, ``1m30s``, ``1.5h``) in seconds.
+
+    A bare number is seconds. Negative, non-finite and unit-less compound
+    values (``1m30``) are rejected. Arithmetic is decimal, so ``1.1s`` is
+    exactly the float nearest 1.1.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError(f"empty duration ({_DURATION_HELP})")
+    if s.startswith("-"):
+        raise ValueError("a duration must not be negative")
+    if s.startswith("+"):  # Go accepts an explicit plus sign
+        s = s[1:]
+    if not s:
+        raise ValueError(f"not a duration ({_DURATION_HELP})")
+    if _BARE_NUMBER_RE.fullmatch(s):
+        total = Decimal(s)
+    else:
+        total = Decimal(0)
+        pos = 0
+        while pos < len(s):
+            m = _DURATION_PART_RE.match(s, pos)
+            if m is None:
+                raise ValueError(f"not a duration ({_DURATION_HELP})")
+            total += Decimal(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+    seconds = float(total)
+    if not math.isfinite(seconds):
+        raise ValueError("duration is too large")
+    return seconds
+
+
+_SIZE_RE = re.compile(rf"({_NUMBER})\s*([A-Za-z]*)")
+_SIZE_UNITS: Mapping[str, int] = MappingProxyType(
+    {
+        "": 1,
+        "b": 1,
+        "k": 1000,
+        "kb": 1000,
+        "ki": 1024,
+        "kib": 1024,
+        "m": 1000**2,
+        "mb": 1000**2,
+        "mi": 1024**2,
+        "mib": 1024**2,
+        "g": 1000**3,
+        "gb": 1000**3,
+        "gi": 1024**3,
+        "gib": 1024**3,
+        "t": 1000**4,
+        "tb": 1000**4,
+        "ti": 1024**4,
+        "tib": 1024**4,
+    }
+)
+_SIZE_HELP = "use e.g. 4MiB, 512KiB, 4MB or a number of bytes"
+
+
+def parse_size(text: str) -> int:
+    """
+    A byte count like go-humanize's ``ParseBytes``: ``4MiB``, ``512 KiB``,
+    ``4MB``, ``4M``, ``1.5MiB`` or a bare number of bytes.
+
+    Units are case-insensitive. ``Ki``/``KiB``, ``Mi``/``MiB``... are binary
+    (1024); ``K``/``KB``, ``M``/``MB``... are SI (1000), as in go-humanize.
+    Fractions are truncated to whole bytes. (Thousands separators, which
+    go-humanize also strips, are not accepted: ``1,5MiB`` is more likely a
+    decimal comma than 15 MiB.)
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError(f"empty size ({_SIZE_HELP})")
+    if s.startswith("-"):
+        raise ValueError("a size must not be negative")
+    m = _SIZE_RE.fullmatch(s)
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size ({_SIZE_HELP})")
+    return int(Decimal(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def _bounded_duration(
+    *, minimum: float, inclusive: bool
+) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        seconds = parse_duration(text)
+        if inclusive and seconds < minimum:
+            raise ValueError(f"must be at least {minimum:g}")
+        if not inclusive and seconds <= minimum:
+            raise ValueError(f"must be greater than {minimum:g}")
+        return seconds
+
+    return parse
+
+
+#: A duration that must be > 0 (timeouts: 0 would fire at once).
+parse_positive_duration = _bounded_duration(minimum=0, inclusive=False)
+parse_positive_duration.__name__ = "parse_positive_duration"
+parse_positive_duration.__doc__ = "A duration in seconds that is greater than 0."
+
+#: A duration that may be 0 (linger 0 = stop the engine session at once).
+parse_non_negative_duration = _bounded_duration(minimum=0, inclusive=True)
+parse_non_negative_duration.__name__ = "parse_non_negative_duration"
+parse_non_negative_duration.__doc__ = "A duration in seconds that is 0 or more."
+
+#: Upper bound for the per-client buffer. Each client may hold this much, so a
+#: typo (4GB for 4MB) must not let a handful of players exhaust a router.
+MAX_BUFFER_SIZE = 1024**3
+
+
+def parse_buffer_size(text: str) -> int:
+    """A size in bytes, greater than 0 and at most 1GiB."""
+    size = parse_size(text)
+    if size <= 0:
+        raise ValueError("must be greater than 0")
+    if size > MAX_BUFFER_SIZE:
+        raise ValueError(
+            "must be at most 1GiB (it is held per client; a guard for small routers)"
+        )
+    return size
+
+
+def parse_port(text: str) -> int:
+    """A TCP port number, 1..65535."""
+    s = text.strip()
+    if not s.isascii() or not s.isdigit():
+        raise ValueError("not a port number (use an integer from 1 to 65535)")
+    port = int(s)
+    if not 1 <= port <= 65535:
+        raise ValueError("port must be from 1 to 65535")
+    return port
+
+
+def parse_scheme(text: str) -> str:
+    """``http`` or ``https``, case-insensitive, returned lower-case."""
+    s = text.strip().lower()
+    if s not in ("http", "https"):
+        raise ValueError("scheme must be http or https")
+    return s
+
+
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def parse_host(text: str) -> str:
+    """
+    The engine's host name or IP address.
+
+    A bare or bracketed IPv6 literal is returned bare (``::1``);
+    :attr:`Config.engine_url` adds the brackets. A scheme or a port in the
+    host is rejected with a pointer to the setting that takes it, since
+    ``ACEXY_HOST=http://engine`` is the usual mistake.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("host must not be empty")
+    if "://" in s:
+        raise ValueError(
+            "host must not include a scheme; put the scheme in ACEXY_SCHEME (--engine-scheme)"
+        )
+    if any(c.isspace() for c in s):
+        raise ValueError("host must not contain spaces")
+    bare = s[1:-1] if s.startswith("[") and s.endswith("]") else s
+    if ":" in bare:
+        try:
+            return str(ipaddress.IPv6Address(bare))
+        except ValueError:
+            raise ValueError(
+                "host must not include a port; put the port in ACEXY_PORT (--engine-port)"
+            ) from None
+    if bare is not s:
+        raise ValueError("only IPv6 addresses go in brackets")
+    if not _HOSTNAME_RE.fullmatch(s):
+        raise ValueError("not a host name or IP address")
+    return s
+
+
+_LOG_LEVELS: Mapping[str, str] = MappingProxyType(
+    {"debug": "debug", "info": "info", "warn": "warn", "warning": "warn", "error": "error"}
+)
+
+
+def parse_log_level(text: str) -> str:
+    """``debug``, ``info``, ``warn`` (or ``warning``) or ``error``, case-insensitive."""
+    level = _LOG_LEVELS.get(text.strip().lower())
+    if level is None:
+        raise ValueError("log level must be one of debug, info, warn, error")
+    return level
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(text: str) -> bool:
+    """``1/0``, ``true/false``, ``yes/no``, ``on/off``, case-insensitive."""
+    s = text.strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise ValueError("not a boolean (use 1/0, true/false, yes/no or on/off)")
+
+
+#: Endpoint types whose descriptions pass through untouched; Twisted checks
+#: them in full when the listener is built against a reactor.
+_STRPORTS_PREFIXES = ("tcp:", "tcp6:", "ssl:", "unix:", "systemd:", "le:", "lets:")
+_LISTEN_HELP = (
+    "use :PORT, PORT, HOST:PORT, IPv4:PORT, [IPv6]:PORT, "
+    "or a Twisted endpoint such as tcp:8080:interface=127.0.0.1"
+)
+
+
+def _strports_escape(value: str) -> str:
+    """Escape a strports argument (backslash, colon and equals sign are special)."""
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def parse_listen(text: str) -> str:
+    """
+    A listen address (acexy's Go form, ``:8080``) as a Twisted strports
+    server description (``tcp:8080``).
+
+    Forms: ``:PORT`` and ``PORT`` (all interfaces), ``HOST:PORT`` with an IPv4
+    address or host name (``tcp:PORT:interface=HOST``), ``[IPv6]:PORT``
+    (``tcp6:PORT:interface=<escaped>``). Port 0 means any free port. Text
+    starting with a known endpoint type (``tcp:``, ``ssl:``, ``unix:``...) is
+    already a description and is returned unchanged.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError(f"empty listen address ({_LISTEN_HELP})")
+    if s.startswith(_STRPORTS_PREFIXES):
+        return s
+    if s.isascii() and s.isdigit():
+        return f"tcp:{_listen_port(s)}"
+    host, sep, port_text = s.rpartition(":")
+    if not sep:
+        raise ValueError(f"not a listen address ({_LISTEN_HELP})")
+    port = _listen_port(port_text)
+    if host == "":
+        return f"tcp:{port}"
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            address = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in brackets ({_LISTEN_HELP})") from None
+        return f"tcp6:{port}:interface={_strports_escape(str(address))}"
+    if ":" in host:
+        raise ValueError(f"put an IPv6 address in brackets, e.g. [::1]:8080 ({_LISTEN_HELP})")
+    if not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(f"not a host name or IP address ({_LISTEN_HELP})")
+    return f"tcp:{port}:interface={host}"
+
+
+def _listen_port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise ValueError(f"port must be a number from 0 to 65535 ({_LISTEN_HELP})")
+    return int(text)
+
+
+def optional(parser: Callable[[str], T]) -> Callable[[str], Optional[T]]:
+    """
+    Wrap ``parser`` so an empty (or blank) text means "not set": ``None``.
+
+    For settings whose absence is meaningful (an orchestrator URL, an API
+    key): give them ``default=""`` and ``parser=optional(...)``.
+    """
+
+    def parse(text: str) -> Optional[T]:
+        if not text.strip():
+            return None
+        return parser(text)
+
+    parse.__name__ = f"optional({getattr(parser, '__name__', 'parser')})"
+    return parse
+
+
+# ---------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """
+    One configurable value: where it comes from and how it is read.
+
+    ``default`` is text, parsed by ``parser`` like any user input. ``secret``
+    settings (API keys) never have their value echoed in errors or docs.
+    """
+
+    field: str
+    env: str
+    aliases: tuple[str, ...]
+    option: str
+    default: str
+    parser: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        """The primary variable, then the aliases, in order of precedence."""
+        return (self.env, *self.aliases)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        field="listen",
+        env="ACEXY_LISTEN_ADDR",
+        aliases=("ACEXY_ADDR",),
+        option="listen",
+        default=":8080",
+        parser=parse_listen,
+        help="Address to serve players on: :PORT, HOST:PORT, [IPv6]:PORT or a Twisted endpoint",
+    ),
+    Setting(
+        field="engine_host",
+        env="ACEXY_HOST",
+        aliases=(),
+        option="engine-host",
+        default="localhost",
+        parser=parse_host,
+        help="AceStream engine host name or IP address",
+    ),
+    Setting(
+        field="engine_port",
+        env="ACEXY_PORT",
+        aliases=(),
+        option="engine-port",
+        default="6878",
+        parser=parse_port,
+        help="AceStream engine HTTP port",
+    ),
+    Setting(
+        field="engine_scheme",
+        env="ACEXY_SCHEME",
+        aliases=(),
+        option="engine-scheme",
+        default="http",
+        parser=parse_scheme,
+        help="Scheme for the engine: http or https",
+    ),
+    Setting(
+        field="no_response_timeout",
+        env="ACEXY_NO_RESPONSE_TIMEOUT",
+        aliases=(),
+        option="no-response-timeout",
+        default="10s",
+        parser=parse_positive_duration,
+        help="How long to wait for the engine to answer a new stream request (e.g. 10s, 1m30s)",
+    ),
+    Setting(
+        field="empty_timeout",
+        env="ACEXY_EMPTY_TIMEOUT",
+        aliases=(),
+        option="empty-timeout",
+        default="60s",
+        parser=parse_positive_duration,
+        help="A playback that delivers no data for this long is treated as stalled",
+    ),
+    Setting(
+        field="buffer_size",
+        env="ACEXY_BUFFER_SIZE",
+        aliases=("ACEXY_BUFFER",),
+        option="buffer-size",
+        default="4MiB",
+        parser=parse_buffer_size,
+        help="Per-client backlog cap; a client further behind is dropped (e.g. 4MiB, 4MB)",
+    ),
+    Setting(
+        field="linger",
+        env="ACEXY_LINGER",
+        aliases=(),
+        option="linger",
+        default="5s",
+        parser=parse_non_negative_duration,
+        help="Keep an engine session this long after its last client leaves (0 = stop at once)",
+    ),
+    Setting(
+        field="log_level",
+        env="ACEXY_LOG_LEVEL",
+        aliases=(),
+        option="log-level",
+        default="info",
+        parser=parse_log_level,
+        help="Log level: debug, info, warn or error",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The proxy's settings, validated and typed. Build it with :func:`load_config`."""
+
+    listen: str  # strports server description
+    engine_host: str
+    engine_port: int
+    engine_scheme: str  # "http" | "https"
+    no_response_timeout: float  # seconds, > 0
+    empty_timeout: float  # seconds, > 0
+    buffer_size: int  # bytes, 0 < n <= 1GiB
+    linger: float  # seconds, >= 0
+    log_level: str  # "debug" | "info" | "warn" | "error"
+    demo: bool = False  # set by --demo, not from the environment
+
+    @property
+    def engine_url(self) -> str:
+        """Base URL of the engine, e.g. ``http://localhost:6878``."""
+        host = f"[{self.engine_host}]" if ":" in self.engine_host else self.engine_host
+        return f"{self.engine_scheme}://{host}:{self.engine_port}"
+
+
+def _option_help(setting: Setting) -> str:
+    names = ", ".join(setting.env_names)
+    default = "<hidden>" if setting.secret else (setting.default or "unset")
+    return f"{setting.help} [env {names}; default: {default}]"
+
+
+def option_parameters() -> list[list[Any]]:
+    """
+    ``optParameters`` rows for ``twisted.python.usage.Options``.
+
+    Every default is ``None`` so :func:`load_config` can tell "not given on
+    the command line" from any given value; the real default is in the help.
+    """
+    return [[s.option, None, None, _option_help(s)] for s in SETTINGS]
+
+
+def settings_markdown() -> str:
+    """The settings as a Markdown table, for the README/docs."""
+    rows = [
+        "| Environment variable | Option | Default | Meaning |",
+        "|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        env = " ".join(f"`{name}`" for name in s.env_names)
+        default = "(hidden)" if s.secret else (f"`{s.default}`" if s.default else "(unset)")
+        rows.append(f"| {env} | `--{s.option}` | {default} | {s.help} |")
+    return "\n".join(rows) + "\n"
+
+
+_NO_OPTIONS: Mapping[str, Optional[str]] = MappingProxyType({})
+
+
+def load_config(
+    env: Mapping[str, str],
+    options: Mapping[str, Optional[str]] = _NO_OPTIONS,
+    *,
+    demo: bool = False,
+) -> Config:
+    """
+    Read every setting and build a :class:`Config`.
+
+    For each setting the first of these wins: the command-line option (keyed
+    by option name, as ``usage.Options`` stores it; ``None`` means not given),
+    the primary environment variable, each alias in order, the default. An
+    environment variable set to the empty string counts as unset, as acexy and
+    docker-compose users expect (``ACEXY_PORT=`` in a compose file).
+
+    Keys of ``options`` that are not settings (``demo``, twistd's own) are
+    ignored. Raises :class:`ConfigError` for the first bad value.
+    """
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        text, variable, option = _pick(setting, env, options)
+        try:
+            values[setting.field] = setting.parser(text)
+        except ValueError as e:
+            reason = e.reason if isinstance(e, ConfigError) else str(e)
+            if variable is None:  # the built-in default itself is bad: a bug here
+                variable, reason = setting.env, f"bad built-in default: {reason}"
+            raise ConfigError(variable, text, reason, option, secret=setting.secret) from e
+    return Config(**values, demo=demo)
+
+
+def _pick(
+    setting: Setting, env: Mapping[str, str], options: Mapping[str, Optional[str]]
+) -> tuple[str, Optional[str], Optional[str]]:
+    """(text, variable it came from or None for the default, option or None)."""
+    given = options.get(setting.option)
+    if given is not None:
+        return given, setting.env, setting.option
+    for name in setting.env_names:
+        value = env.get(name)
+        if value:  # unset or "" -> keep looking
+            return value, name, None
+    return setting.default, None, None
