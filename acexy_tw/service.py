@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
@@ -49,6 +49,20 @@ class QuietSite(Site):
         pass
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # Every engine connection would log "Starting factory" (STYLE.md pitfall 14).
+    noisy = False
+
+
+def make_pool(reactor: Any) -> HTTPConnectionPool:
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory  # documented ivar of HTTPConnectionPool
+    pool.maxPersistentPerHost = 8
+    pool.cachedConnectionTimeout = 60
+    pool.retryAutomatically = False  # a retried getstream would open a second session
+    return pool
+
+
 class ListenerService(Service):
     """Listens on a strports endpoint; a synchronous failure (port in use)
     aborts start-up with a message naming the address."""
@@ -58,7 +72,7 @@ class ListenerService(Service):
         self._endpoint = endpoint
         self._factory = factory
         self.port: Any = None
-        self.listening: Deferred = Deferred()
+        self._waiters: list[Deferred] = []
 
     def startService(self) -> None:
         super().startService()
@@ -72,7 +86,17 @@ class ListenerService(Service):
 
     def _listening(self, port: Any) -> None:
         self.port = port
-        self.listening.callback(port)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(port)
+
+    def when_listening(self) -> Deferred:
+        """The listening port, once there is one (a fresh Deferred per caller)."""
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        return d
 
     def stopService(self) -> Optional[Deferred]:
         super().stopService()
@@ -87,10 +111,7 @@ class AcexyService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 8
-        self.pool.cachedConnectionTimeout = 60
-        self.pool.retryAutomatically = False  # a retried getstream would open a second session
+        self.pool = make_pool(reactor)
         self.http = HTTPClient(
             Agent(reactor, pool=self.pool, connectTimeout=config.no_response_timeout)
         )
@@ -139,7 +160,7 @@ class AcexyService(MultiService):
             if child is not self.sim:
                 child.startService()
         Service.startService(self)
-        self.listener.listening.addCallback(self._announce)
+        self.listener.when_listening().addCallback(self._announce)
 
     def _announce(self, port: Any) -> None:
         host = port.getHost()

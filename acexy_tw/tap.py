@@ -2,8 +2,9 @@
 ``twistd acexy``: options and ``makeService``.
 
 Every setting is an option and an environment variable (flag beats env beats
-default, see :mod:`acexy_tw.config`). A bad value stops start-up with a
-message naming the variable and the value.
+default, see :mod:`acexy_tw.config`). A bad value stops start-up with one line
+naming the variable and the value (:class:`ConfigExit`), not a usage dump and
+not a traceback: it is a configuration mistake, not a command-line one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from typing import Any, Optional
 from twisted.python import usage
 
 from acexy_tw.config import Config, ConfigError, load_config, option_parameters
+
+
+class ConfigExit(SystemExit):
+    """Start-up stopped by a bad setting; ``str()`` is the message, exit status 1."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(f"acexy: configuration error: {error}")
+        self.error = error
 
 
 class Options(usage.Options):
@@ -33,7 +42,7 @@ class Options(usage.Options):
         try:
             self.config = load_config(os.environ, self, demo=bool(self["demo"]))
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise ConfigExit(e) from None
 
 
 def makeService(options: Options, reactor: Any = None) -> Any:
@@ -49,4 +58,4 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     try:
         return AcexyService(config, reactor)
     except ConfigError as e:
-        raise usage.UsageError(str(e)) from None
+        raise ConfigExit(e) from None

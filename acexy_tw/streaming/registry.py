@@ -52,6 +52,10 @@ class SessionRegistry:
     def get(self, key: ContentKey) -> Optional[EngineSession]:
         return self._sessions.get(key)
 
+    def get_any(self) -> Optional[EngineSession]:
+        """Some open session (tests and status with a single stream)."""
+        return next(iter(self._sessions.values()), None)
+
     def find(self, value: str) -> list[EngineSession]:
         """Sessions whose content id / infohash is ``value`` (any extras)."""
         value = value.strip().lower()

@@ -64,11 +64,17 @@ class ProxyApp:
         self._clock = clock
         self._buffer_size = buffer_size
         self._stuck_timeout = stuck_timeout
-        self._on_cut = on_cut
+        self._on_cut_hook = on_cut
         self.started_at = clock.seconds()
+        self.clients_cut = 0
 
     def resource(self) -> Any:
         return self.app.resource()
+
+    def _on_cut(self, sink: ClientSink, reason: str) -> None:
+        self.clients_cut += 1
+        if self._on_cut_hook is not None:
+            self._on_cut_hook(sink, reason)
 
     # -- /ace/getstream ---------------------------------------------------------
 
@@ -120,6 +126,7 @@ class ProxyApp:
                     "clients": sum(len(s.sinks) for s in sessions),
                     "version": __version__.public(),
                     "uptime": round(self._clock.seconds() - self.started_at, 1),
+                    "clients_cut": self.clients_cut,
                 },
             )
         wanted = ids[0].decode("utf-8", "replace")

@@ -1,0 +1,632 @@
+"""
+A simulated AceStream engine speaking the wire contract of CONTRACTS.md §1.
+
+Tests, the demo and benchmarks need an engine that is always there, starts in
+milliseconds, serves real MPEG-TS and can be told to misbehave the way real
+engines do (slow or failing JSON, error pages instead of video, stalls, resets,
+stop commands that fail or hang, refused connections).  :class:`SimEngine`
+is that engine; its state is plain data a test can inspect, and
+:meth:`SimEngine.when` lets a test wait for a state instead of sleeping.
+
+Start one in a trial test::
+
+    engine = SimEngine(reactor, bitrate=2_000_000)
+    engine.listen()                          # 127.0.0.1, a free port
+    self.addCleanup(engine.shutdown)         # close connections, stop listening
+    ...
+    engine.behaviour.json_delay = 2.0        # later getstreams answer slowly
+    yield engine.when(lambda e: e.open_playbacks == 1).addTimeout(10, reactor)
+
+Or from a shell: ``python -m acexy_tw.sim.engine --port 6878 --bitrate 4M``.
+
+Like a real engine inside Docker, the URLs it hands out carry its *advertised*
+address (``advertise_host:advertise_port``, default ``127.0.0.1:6878``), not the
+one it listens on, so a proxy has to rewrite them.
+
+The reactor is always passed in; this module never imports the global one
+except in :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import secrets
+import sys
+from copy import copy
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTCP, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from acexy_tw.sim.model import Behaviour, SimSession
+from acexy_tw.sim.playback import PlaybackStream
+
+__all__ = ["SimEngine", "Behaviour", "SimSession", "PlaybackStream", "parse_bitrate", "main"]
+
+#: query parameters that select the content, in the order they are honoured
+SELECTORS = ("content_id", "id", "infohash", "url", "magnet")
+UNKNOWN_SESSION = "unknown playback session id"
+VERSION_INFO = {"code": 3020300, "platform": "linux", "version": "3.2.3"}
+
+Predicate = Callable[["SimEngine"], bool]
+
+
+# --- responses ------------------------------------------------------------------
+
+
+def _connected(request: Request) -> bool:
+    return getattr(request, "channel", None) is not None
+
+
+def _send(request: Request, status: int, content_type: bytes, body: bytes) -> None:
+    """Answer and finish, unless the client has already gone."""
+    if not _connected(request):
+        return
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def _send_json(request: Request, obj: object, status: int = 200) -> None:
+    _send(request, status, b"application/json", json.dumps(obj).encode())
+
+
+def _send_text(request: Request, status: int, text: Optional[str] = None) -> None:
+    body = text.encode() if text is not None else RESPONSES.get(status, b"Error")
+    _send(request, status, b"text/plain; charset=utf-8", body)
+
+
+def _error(message: str) -> dict:
+    return {"response": None, "error": message}
+
+
+def _query(request: Request) -> Dict[str, str]:
+    """The query string as ``{name: first value}``."""
+    return {
+        key.decode("utf-8", "replace"): values[0].decode("utf-8", "replace")
+        for key, values in request.args.items()
+        if values
+    }
+
+
+# --- connections and deferred answers --------------------------------------------
+
+
+class _TrackedChannel(HTTPChannel):
+    """An ``HTTPChannel`` that reports to its site when it comes and goes, so
+    the engine can drop every connection it accepted and know when they are
+    all gone."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.connection_made(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.factory.connection_lost(self)
+
+
+class _SimSite(Site):
+    """A quiet ``Site`` (no access log: benchmarks make many requests) that
+    tracks its open connections."""
+
+    protocol = _TrackedChannel
+    noisy = False
+
+    def __init__(self, resource: Resource, reactor: IReactorTime, on_change: Callable[[], None]):
+        super().__init__(resource, reactor=reactor)
+        self.connections: set = set()
+        self._on_change = on_change
+
+    def connection_made(self, channel: HTTPChannel) -> None:
+        self.connections.add(channel)
+        self._on_change()
+
+    def connection_lost(self, channel: HTTPChannel) -> None:
+        self.connections.discard(channel)
+        self._on_change()
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+class _PendingAnswers:
+    """Answers given later (a delay) or never (a hang).
+
+    Each is forgotten, and its timer cancelled, when its client leaves;
+    :meth:`cancel_all` drops the rest, so no ``DelayedCall`` outlives
+    ``SimEngine.close``.
+    """
+
+    def __init__(self, reactor: IReactorTime, on_change: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._on_change = on_change
+        self._pending: Dict[Request, Optional[IDelayedCall]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def answer(self, request: Request, answer: Callable[[], None], *, delay: float, hang: bool) -> int:
+        if not hang and delay <= 0:
+            answer()
+            return NOT_DONE_YET
+        call = None if hang else self._reactor.callLater(delay, self._fire, request, answer)
+        self._pending[request] = call
+        request.notifyFinish().addBoth(self._forget, request)
+        self._on_change()
+        return NOT_DONE_YET
+
+    def _fire(self, request: Request, answer: Callable[[], None]) -> None:
+        self._pending.pop(request, None)
+        answer()
+        self._on_change()
+
+    def _forget(self, _result: object, request: Request) -> None:
+        if request not in self._pending:
+            return
+        call = self._pending.pop(request)
+        if call is not None and call.active():
+            call.cancel()
+        self._on_change()
+
+    def cancel_all(self) -> None:
+        for call in self._pending.values():
+            if call is not None and call.active():
+                call.cancel()
+        self._pending.clear()
+
+
+# --- HTTP surface ------------------------------------------------------------------
+
+
+class _EngineResource(Resource):
+    """The engine's HTTP API (CONTRACTS.md §1); the state lives in the engine."""
+
+    isLeaf = True
+
+    def __init__(self, engine: "SimEngine") -> None:
+        super().__init__()
+        self._engine = engine
+
+    def render_GET(self, request: Request) -> int:
+        path = request.path.decode("utf-8", "replace").strip("/").split("/")
+        route = self._route(path)
+        if route is None:
+            _send_text(request, 404)
+            return NOT_DONE_YET
+        handler, args = route
+        return handler(request, *args)
+
+    def _route(self, path: List[str]) -> Optional[Tuple[Callable[..., int], Sequence[str]]]:
+        if path == ["ace", "getstream"]:
+            return self._getstream, ()
+        if len(path) == 4 and path[:2] == ["ace", "r"]:
+            return self._playback, path[2:]
+        if len(path) == 4 and path[:2] == ["ace", "stat"]:
+            return self._stat, path[2:]
+        if len(path) == 4 and path[:2] == ["ace", "cmd"]:
+            return self._command, path[2:]
+        if path == ["webui", "api", "service"]:
+            return self._service, ()
+        if path == ["server", "api"]:
+            return self._server_api, ()
+        return None  # includes /ace/manifest.m3u8: HLS is not simulated
+
+    # getstream ----------------------------------------------------------------
+
+    def _getstream(self, request: Request) -> int:
+        engine = self._engine
+        params = _query(request)
+        behaviour = copy(engine.behaviour)
+        engine.getstream_calls.append(params)
+        engine._changed()
+        return engine._answers.answer(
+            request,
+            lambda: self._answer_getstream(request, params, behaviour),
+            delay=behaviour.json_delay,
+            hang=behaviour.json_hang,
+        )
+
+    def _answer_getstream(self, request: Request, params: Dict[str, str], behaviour: Behaviour) -> None:
+        if behaviour.getstream_status != 200:
+            _send_text(request, behaviour.getstream_status)
+            return
+        if behaviour.json_error is not None:
+            _send_json(request, _error(behaviour.json_error))
+            return
+        selector = next((name for name in SELECTORS if params.get(name)), None)
+        if selector is None:
+            _send_json(request, _error("missing content id"))
+            return
+        session = self._engine._open_session(selector, params[selector], params)
+        _send_json(request, {"response": self._engine.session_urls(session), "error": None})
+
+    # playback -----------------------------------------------------------------
+
+    def _playback(self, request: Request, infohash: str, token: str) -> int:
+        engine = self._engine
+        session = engine._session_for(infohash, token)
+        if session is None or session.stopped:
+            _send_text(request, 404)
+            return NOT_DONE_YET
+        stream = PlaybackStream(
+            request,
+            session,
+            copy(engine.behaviour),
+            reactor=engine.reactor,
+            bitrate=engine.bitrate,
+            tick=engine.tick,
+            chunk=engine.chunk,
+            on_change=engine._changed,
+        )
+        session.playbacks.append(stream)
+        engine._changed()
+        stream.begin()
+        return NOT_DONE_YET
+
+    # stat and command ---------------------------------------------------------
+
+    def _stat(self, request: Request, infohash: str, token: str) -> int:
+        session = self._engine._session_for(infohash, token)
+        if session is None or session.stopped:
+            _send_json(request, _error(UNKNOWN_SESSION))
+        else:
+            _send_json(request, {"response": self._engine.session_stat(session), "error": None})
+        return NOT_DONE_YET
+
+    def _command(self, request: Request, infohash: str, token: str) -> int:
+        engine = self._engine
+        method = _query(request).get("method")
+        if method != "stop":
+            _send_json(request, _error(f"unknown method: {method}"))
+            return NOT_DONE_YET
+        session = engine._session_for(infohash, token)
+        behaviour = copy(engine.behaviour)
+        engine.stop_count += 1
+        if session is not None:
+            session.stop_commands += 1
+        engine._changed()
+        return engine._answers.answer(
+            request,
+            lambda: self._answer_stop(request, session, behaviour),
+            delay=0,
+            hang=behaviour.stop_hang,
+        )
+
+    def _answer_stop(self, request: Request, session: Optional[SimSession], behaviour: Behaviour) -> None:
+        if behaviour.stop_status != 200:
+            _send_json(request, _error("internal error"), behaviour.stop_status)
+        elif session is None or session.stopped:
+            _send_json(request, _error(UNKNOWN_SESSION))
+        else:
+            self._engine._stop_session(session)
+            _send_json(request, {"response": "ok", "error": None})
+
+    # liveness -----------------------------------------------------------------
+
+    def _service(self, request: Request) -> int:
+        if _query(request).get("method") == "get_version":
+            _send_json(request, {"result": dict(VERSION_INFO), "error": None})
+        else:
+            _send_json(request, {"result": None, "error": "unknown method"})
+        return NOT_DONE_YET
+
+    def _server_api(self, request: Request) -> int:
+        if _query(request).get("method") == "get_status":
+            _send_json(request, {"result": {"status": 1}, "error": None})
+        else:
+            _send_json(request, {"result": None, "error": "unknown method"})
+        return NOT_DONE_YET
+
+
+# --- the engine ---------------------------------------------------------------------
+
+
+class SimEngine:
+    """
+    A simulated AceStream engine: state, knobs, waiting and lifecycle.
+
+    :param reactor: provides ``IReactorTCP`` and ``IReactorTime``.
+    :param bitrate: bit/s of every playback, or ``None`` for flat out.
+    :param advertise_host: host put in the URLs getstream returns.
+    :param advertise_port: port put in the URLs getstream returns.
+    :param behaviour: initial misbehaviour (default: well-behaved); replace
+        or mutate ``engine.behaviour`` at any time.
+    :param tick: seconds between writes of a rate-limited playback.
+    :param chunk: bytes per write of a flat-out playback.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        *,
+        bitrate: Optional[int] = 4_000_000,
+        advertise_host: str = "127.0.0.1",
+        advertise_port: int = 6878,
+        behaviour: Optional[Behaviour] = None,
+        tick: float = 0.025,
+        chunk: int = 64 * 1024,
+    ) -> None:
+        self.reactor = reactor
+        self.bitrate = bitrate
+        self.advertise_host = advertise_host
+        self.advertise_port = advertise_port
+        self.behaviour = behaviour if behaviour is not None else Behaviour()
+        self.tick = tick
+        self.chunk = chunk
+        #: the query parameters of every getstream, in arrival order
+        self.getstream_calls: List[Dict[str, str]] = []
+        #: every session, by playback_session_id (stopped ones stay)
+        self.sessions: Dict[str, SimSession] = {}
+        #: stop commands received, for any session, answered or not
+        self.stop_count = 0
+        #: the port number of the last ``listen`` (kept after stop_listening)
+        self.port: Optional[int] = None
+        self.interface: Optional[str] = None
+        self._by_token: Dict[str, SimSession] = {}
+        self._waiters: List[Tuple[Predicate, Deferred]] = []
+        self._answers = _PendingAnswers(reactor, self._changed)
+        self._site = _SimSite(_EngineResource(self), reactor, self._changed)
+        self._listening: Optional[IListeningPort] = None
+
+    # --- listening ------------------------------------------------------------
+
+    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> IListeningPort:
+        """Start accepting connections, synchronously; ``port=0`` picks a free
+        port (see :attr:`port`), and ``listen(engine.port)`` after
+        :meth:`stop_listening` takes the same port again."""
+        if self._listening is not None:
+            raise RuntimeError("already listening")
+        self._listening = self.reactor.listenTCP(port, self._site, interface=interface)
+        self.port = self._listening.getHost().port
+        self.interface = interface
+        return self._listening
+
+    def stop_listening(self) -> "Deferred[None]":
+        """Refuse new connections; open ones (playbacks too) carry on."""
+        if self._listening is None:
+            return succeed(None)
+        listening, self._listening = self._listening, None
+        return maybeDeferred(listening.stopListening)
+
+    @property
+    def listening(self) -> bool:
+        return self._listening is not None
+
+    @property
+    def url(self) -> str:
+        """Where this engine really listens (not what it advertises)."""
+        return f"http://{self.interface}:{self.port}"
+
+    def close(self) -> "Deferred[None]":
+        """Stop every playback and pending timer and reset every connection;
+        fires once all the engine's connections are gone.  The engine keeps
+        listening: call :meth:`stop_listening` too, or :meth:`shutdown`."""
+        self._answers.cancel_all()
+        for stream in self.playbacks:
+            stream.abort()
+        for channel in list(self._site.connections):
+            channel.transport.abortConnection()
+        return self.when(lambda engine: not engine._site.connections)
+
+    stopAll = close
+
+    def shutdown(self) -> "Deferred[None]":
+        """:meth:`close`, then :meth:`stop_listening`: a clean reactor."""
+        return self.close().addCallback(lambda _: self.stop_listening())
+
+    # --- observability ---------------------------------------------------------------
+
+    @property
+    def playbacks(self) -> List[PlaybackStream]:
+        """Every playback request of every session, in no particular order."""
+        return [stream for session in self.sessions.values() for stream in session.playbacks]
+
+    @property
+    def open_playbacks(self) -> int:
+        """Playback connections currently open (prebuffering, streaming or stalled)."""
+        return sum(len(session.open_playbacks) for session in self.sessions.values())
+
+    @property
+    def active_sessions(self) -> List[SimSession]:
+        """Sessions not stopped, in creation order."""
+        return [session for session in self.sessions.values() if not session.stopped]
+
+    @property
+    def last_session(self) -> Optional[SimSession]:
+        """The most recently created session."""
+        return next(reversed(self.sessions.values()), None)
+
+    @property
+    def connections(self) -> int:
+        """TCP connections currently open to this engine."""
+        return len(self._site.connections)
+
+    @property
+    def pending_answers(self) -> int:
+        """getstream/stop requests waiting for a delayed or hung answer."""
+        return len(self._answers)
+
+    @property
+    def waiters(self) -> int:
+        """``when`` Deferreds still waiting."""
+        return len(self._waiters)
+
+    def when(self, predicate: Predicate) -> "Deferred[None]":
+        """A Deferred that fires (once) as soon as ``predicate(engine)`` is
+        true: now, or after the state change that makes it so.  Cancelling it
+        forgets the waiter; an exception from the predicate errbacks it."""
+        entry: List[object] = []
+
+        def forget(_: Deferred) -> None:
+            if entry and entry[0] in self._waiters:
+                self._waiters.remove(entry[0])
+
+        waiter: "Deferred[None]" = Deferred(forget)
+        item = (predicate, waiter)
+        entry.append(item)
+        self._waiters.append(item)
+        self._check(item)
+        return waiter
+
+    def _changed(self) -> None:
+        """Re-check the waiters; called after every state change."""
+        for item in list(self._waiters):
+            self._check(item)
+
+    def _check(self, item: Tuple[Predicate, Deferred]) -> None:
+        if item not in self._waiters:
+            return  # fired or cancelled by a callback of an earlier waiter
+        predicate, waiter = item
+        try:
+            ready = predicate(self)
+        except Exception:
+            self._waiters.remove(item)
+            waiter.errback()
+            return
+        if ready:
+            self._waiters.remove(item)
+            waiter.callback(None)
+
+    # --- sessions ------------------------------------------------------------------
+
+    def session_urls(self, session: SimSession) -> dict:
+        """The getstream ``response`` object, with advertised URLs."""
+        base = f"http://{self.advertise_host}:{self.advertise_port}/ace"
+        tail = f"{session.infohash}/{session.token}"
+        return {
+            "playback_url": f"{base}/r/{tail}",
+            "stat_url": f"{base}/stat/{tail}",
+            "command_url": f"{base}/cmd/{tail}",
+            "infohash": session.infohash,
+            "playback_session_id": session.playback_session_id,
+            "is_live": 1,
+            "is_encrypted": 0,
+            "client_session_id": -1,
+        }
+
+    def session_stat(self, session: SimSession) -> dict:
+        """The stat ``response`` object; speeds in KB/s as the engine reports them."""
+        if self.bitrate is not None:
+            speed_down = round(self.bitrate / 8 / 1024)
+        else:
+            elapsed = max(self.reactor.seconds() - session.created_at, 1e-3)
+            speed_down = round(session.bytes_sent / elapsed / 1024)
+        return {
+            "status": "prebuf" if session.prebuffering else "dl",
+            "peers": 4,
+            "speed_down": speed_down,
+            "speed_up": speed_down // 8,
+            "downloaded": session.bytes_sent,
+            "uploaded": session.bytes_sent // 8,
+            "total_progress": 0,
+            "is_live": 1,
+            "infohash": session.infohash,
+            "playback_session_id": session.playback_session_id,
+            "client_session_id": -1,
+        }
+
+    def _open_session(self, selector: str, value: str, params: Dict[str, str]) -> SimSession:
+        if selector == "id":
+            selector = "content_id"
+        if selector == "infohash":
+            infohash = value.lower()
+        else:
+            key = value.lower() if selector == "content_id" else value
+            infohash = hashlib.sha1(key.encode("utf-8")).hexdigest()
+        session = SimSession(
+            playback_session_id=secrets.token_hex(20),
+            selector=selector,
+            content_key=value,
+            infohash=infohash,
+            token=secrets.token_hex(16),
+            pid=params.get("pid"),
+            params=dict(params),
+            created_at=self.reactor.seconds(),
+        )
+        self.sessions[session.playback_session_id] = session
+        self._by_token[session.token] = session
+        self._changed()
+        return session
+
+    def _session_for(self, infohash: str, token: str) -> Optional[SimSession]:
+        session = self._by_token.get(token)
+        if session is None or session.infohash != infohash.lower():
+            return None
+        return session
+
+    def _stop_session(self, session: SimSession) -> None:
+        """What the real engine does on stop: forget the session and close
+        its playback connections."""
+        session.stopped = True
+        for stream in session.open_playbacks:
+            stream.stop()
+        self._changed()
+
+
+# --- command line -------------------------------------------------------------------
+
+_BITRATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*(?:bit/s|bps|b)?\s*$")
+_UNITS = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+
+
+def parse_bitrate(text: str) -> int:
+    """``"4M"`` → 4_000_000, ``"500k"`` → 500_000, ``"8000000"`` → 8_000_000."""
+    match = _BITRATE.match(text)
+    if not match:
+        raise ValueError(f"not a bitrate: {text!r} (try 4M, 500k or 8000000)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m acexy_tw.sim.engine",
+        description="A simulated AceStream engine serving a valid MPEG-TS test stream.",
+    )
+    parser.add_argument("--port", type=int, default=6878)
+    parser.add_argument("--interface", default="127.0.0.1")
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--bitrate", type=parse_bitrate, default=4_000_000, help="e.g. 4M, 500k, 8000000")
+    rate.add_argument("--flat-out", action="store_true", help="send as fast as the client reads")
+    parser.add_argument("--advertise-host", default="127.0.0.1", help="host in the URLs handed out")
+    parser.add_argument("--advertise-port", type=int, default=6878, help="port in the URLs handed out")
+    parser.add_argument("--prebuffer", type=float, default=0.0, help="seconds before playback headers")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run a simulated engine until interrupted."""
+    args = _arguments(argv)
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    engine = SimEngine(
+        reactor,
+        bitrate=None if args.flat_out else args.bitrate,
+        advertise_host=args.advertise_host,
+        advertise_port=args.advertise_port,
+        behaviour=Behaviour(playback_delay=args.prebuffer),
+    )
+    engine.listen(args.port, args.interface)
+    reactor.addSystemEventTrigger("before", "shutdown", engine.close)
+    rate = "flat out" if args.flat_out else f"{args.bitrate} bit/s"
+    print(
+        f"simulated AceStream engine on {engine.url} ({rate}), "
+        f"advertising {args.advertise_host}:{args.advertise_port}",
+        flush=True,
+    )
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

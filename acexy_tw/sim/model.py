@@ -1,0 +1,91 @@
+"""
+The simulated engine's knobs (:class:`Behaviour`) and records (:class:`SimSession`).
+
+Kept apart from the HTTP code so tests can read them as plain data: a test sets
+``engine.behaviour.json_hang = True`` (or assigns a whole new ``Behaviour``) and
+later inspects ``engine.sessions[...]`` without touching Twisted objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from acexy_tw.sim.playback import PlaybackStream
+
+
+@dataclass
+class Behaviour:
+    """
+    How the engine misbehaves; the defaults describe a well-behaved engine.
+
+    The engine copies this object when a request arrives, so a change applies
+    to requests arriving after it, never to one already being answered.
+    """
+
+    # getstream
+    #: seconds to wait before answering getstream
+    json_delay: float = 0.0
+    #: never answer getstream (the connection stays open)
+    json_hang: bool = False
+    #: answer getstream with ``{"response": null, "error": json_error}`` (HTTP 200)
+    json_error: Optional[str] = None
+    #: a status other than 200 makes getstream answer a plain-text error page
+    getstream_status: int = 200
+
+    # playback
+    #: a status other than 200 makes the playback URL answer an HTML error page
+    playback_status: int = 200
+    #: prebuffering: seconds before the playback response headers are sent
+    playback_delay: float = 0.0
+    #: never send the playback response headers
+    playback_hang: bool = False
+    #: send this many bytes (rounded down to whole packets), then go silent
+    stall_after: Optional[int] = None
+    #: send exactly this many bytes, then finish the response cleanly
+    eof_after: Optional[int] = None
+    #: send exactly this many bytes, then reset the TCP connection
+    reset_after: Optional[int] = None
+
+    # stop command
+    #: a status other than 200 makes stop fail (the session keeps running)
+    stop_status: int = 200
+    #: never answer stop (the session keeps running)
+    stop_hang: bool = False
+
+
+@dataclass(eq=False)
+class SimSession:
+    """One engine session, created by a successful getstream."""
+
+    playback_session_id: str
+    #: which selector started it: content_id (also for ``id``), infohash, url or magnet
+    selector: str
+    #: the selector's value as the client sent it
+    content_key: str
+    infohash: str
+    token: str
+    #: the ``pid`` query parameter (the player id the proxy chose)
+    pid: Optional[str]
+    #: every query parameter of the getstream that created the session
+    params: Dict[str, str]
+    created_at: float
+    stopped: bool = False
+    #: stop commands received for this session (answered or not)
+    stop_commands: int = 0
+    #: bytes written to all of its playback connections
+    bytes_sent: int = 0
+    #: playback connections that the client closed
+    closed_by_peer: int = 0
+    #: every playback request, open or ended, in arrival order
+    playbacks: List["PlaybackStream"] = field(default_factory=list)
+
+    @property
+    def open_playbacks(self) -> List["PlaybackStream"]:
+        """Playback requests whose connection is still open."""
+        return [p for p in self.playbacks if p.is_open]
+
+    @property
+    def prebuffering(self) -> bool:
+        return self.bytes_sent == 0 and any(p.waiting for p in self.playbacks)

@@ -1,0 +1,256 @@
+"""
+Loopback harness: the real AcexyService on 127.0.0.1:0 in front of a real
+SimEngine, and players that signal what they received (tests wait for events
+with a timeout; nothing sleeps).
+
+Use from a trial ``TestCase`` (real reactor)::
+
+    async def test_x(self):
+        engine = sim_engine(self)
+        proxy = await start_proxy(self, engine, linger="0")
+        player = await Player.open(self, proxy.url("/ace/getstream?id=" + CID))
+        await within(player.when_received(188 * 100))
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from treq.client import HTTPClient
+
+from acexy_tw.config import load_config
+from acexy_tw.service import AcexyService, make_pool
+from acexy_tw.sim.engine import SimEngine
+
+reactor: Any = _reactor
+
+CID = "0123456789abcdef0123456789abcdef01234567"
+TIMEOUT = float(os.environ.get("ACEXY_TEST_TIMEOUT", "15"))
+
+
+def cid(n: int) -> str:
+    """A distinct 40-hex content id per ``n``."""
+    return f"{n:040x}"
+
+
+def within(d: Deferred, seconds: float = TIMEOUT) -> Deferred:
+    """Every wait in a test is bounded: a hang fails that test, not the run."""
+    return d.addTimeout(seconds, reactor)
+
+
+def sim_engine(test: Any, **kwargs: Any) -> SimEngine:
+    """A listening SimEngine, shut down at test end."""
+    engine = SimEngine(reactor, **kwargs)
+    engine.listen(0, "127.0.0.1")
+    test.addCleanup(lambda: within(engine.shutdown()))
+    return engine
+
+
+class RunningProxy:
+    def __init__(self, service: AcexyService, port: int) -> None:
+        self.service = service
+        self.port = port
+        self.registry = service.registry
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stream_url(self, content_id: str = CID, extra: str = "") -> str:
+        return self.url(f"/ace/getstream?id={content_id}{extra}")
+
+
+async def start_proxy(test: Any, engine: SimEngine, **settings: str) -> RunningProxy:
+    """
+    The real service, configured as a user would (option names as on the
+    command line, underscores for dashes), stopped at test end.
+    """
+    options = {
+        "listen": "tcp:0:interface=127.0.0.1",
+        "engine-host": "127.0.0.1",
+        "engine-port": str(engine.port),
+    }
+    options.update({k.replace("_", "-"): v for k, v in settings.items()})
+    config = load_config({}, options)
+    service = AcexyService(config, reactor)
+    service.startService()
+    test.addCleanup(lambda: within(service.stopService()))
+    port = await within(service.listener.when_listening())
+    return RunningProxy(service, port.getHost().port)
+
+
+class Player(Protocol):
+    """A reading player: collects the body, lets tests wait for byte counts and the end."""
+
+    def __init__(self, limit: Optional[int] = None) -> None:
+        self.received = bytearray()
+        self.limit = limit
+        self.ended: Deferred[None] = Deferred()  # fires with None; see end_reason
+        self.end_reason: Optional[Failure] = None
+        self._waiters: list[tuple[int, Deferred]] = []
+        self.response: Any = None
+
+    @classmethod
+    def open(cls, test: Any, url: str, *, limit: Optional[int] = None) -> "Deferred[Player]":
+        """GET ``url``; fires once the headers arrived (check ``.code``)."""
+        return Deferred.fromCoroutine(cls._open(test, url, limit=limit))
+
+    @classmethod
+    async def _open(cls, test: Any, url: str, *, limit: Optional[int] = None) -> "Player":
+        client = http_client(test)
+        response = await within(client.get(url, unbuffered=True))
+        player = cls(limit)
+        player.response = response
+        response.deliverBody(player)
+        test.addCleanup(player.hang_up)
+        return player
+
+    @property
+    def code(self) -> int:
+        return self.response.code
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        for entry in list(self._waiters):
+            n, d = entry
+            if len(self.received) >= n:
+                self._waiters.remove(entry)
+                d.callback(bytes(self.received))
+        if self.limit is not None and len(self.received) >= self.limit:
+            self.hang_up()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        for n, d in self._waiters:
+            d.errback(AssertionError(f"stream ended after {len(self.received)} bytes, waiting for {n}"))
+        self._waiters = []
+        self.end_reason = reason
+        if not self.ended.called:
+            self.ended.callback(None)  # (callback(a Failure) would turn into an errback)
+
+    @property
+    def clean_end(self) -> bool:
+        return self.end_reason is not None and self.end_reason.check(ResponseDone, PotentialDataLoss) is not None
+
+    def when_received(self, n: int) -> Deferred:
+        if len(self.received) >= n:
+            return succeed(bytes(self.received))
+        d: Deferred = Deferred()
+        self._waiters.append((n, d))
+        return within(d)
+
+    def when_ended(self) -> Deferred:
+        """Fires (with None) when the response ended; a fresh Deferred per call."""
+        if self.ended.called:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self.ended.addCallback(lambda r: (d.callback(None), r)[1])
+        return within(d)
+
+    def hang_up(self) -> Deferred:
+        if self.transport is not None and not self.ended.called:
+            self.transport.stopProducing()
+        return self.when_ended()
+
+
+class StalledPlayer(Protocol):
+    """A player that sends its request and then never reads (its buffers fill)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.closed: Deferred[None] = Deferred()
+
+    @classmethod
+    def open(cls, test: Any, port: int, path: str) -> "Deferred[StalledPlayer]":
+        return Deferred.fromCoroutine(cls._open(test, port, path))
+
+    @classmethod
+    async def _open(cls, test: Any, port: int, path: str) -> "StalledPlayer":
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        player = await within(connectProtocol(endpoint, cls(path)))
+        test.addCleanup(player.hang_up)
+        return player
+
+    def connectionMade(self) -> None:
+        self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: proxy\r\n\r\n".encode())
+        self.transport.pauseProducing()  # stop reading: kernel buffers fill end to end
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    def start_reading(self) -> None:
+        """Read again (a paused reader cannot even notice that it was cut)."""
+        self.transport.resumeProducing()
+
+    def when_closed(self, seconds: float = TIMEOUT) -> Deferred:
+        """Fires when the proxy closed us; a fresh Deferred per call."""
+        if self.closed.called:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self.closed.addCallback(lambda r: (d.callback(None), r)[1])
+        return within(d, seconds)
+
+    def hang_up(self) -> Deferred:
+        if not self.closed.called:
+            self.transport.abortConnection()
+        return self.when_closed()
+
+
+def http_client(test: Any) -> HTTPClient:
+    """A treq client on its own pool, closed at test end."""
+    pool = make_pool(reactor)
+    pool.persistent = False
+    test.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+async def get_json(test: Any, url: str) -> tuple[int, Any]:
+    import json
+
+    client = http_client(test)
+    response = await within(client.get(url))
+    body = await within(response.content())
+    try:
+        return response.code, json.loads(body)
+    except ValueError:
+        return response.code, body.decode("utf-8", "replace")
+
+
+async def get_text(test: Any, url: str) -> tuple[int, str]:
+    client = http_client(test)
+    response = await within(client.get(url))
+    body = await within(response.content())
+    return response.code, body.decode("utf-8", "replace")
+
+
+def wait_until(
+    predicate: Callable[[], bool], what: str = "condition", *, seconds: float = TIMEOUT, interval: float = 0.01
+) -> Deferred:
+    """Poll a proxy-side condition (bounded); for engine-side ones use ``engine.when``."""
+    from twisted.internet.task import LoopingCall
+
+    d: Deferred = Deferred()
+
+    def check() -> None:
+        if predicate():
+            loop.stop()
+
+    loop = LoopingCall(check)
+    loop.clock = reactor
+    done = loop.start(interval, now=True)
+    done.addCallback(lambda _: d.callback(None) if not d.called else None)
+
+    def cancel_on_timeout(f: Failure) -> Failure:
+        if loop.running:
+            loop.stop()
+        f.value.args = (f"timed out waiting for {what}",)
+        return f
+
+    return within(d, seconds).addErrback(cancel_on_timeout)

@@ -1,0 +1,546 @@
+"""
+The simulated AceStream engine over real loopback sockets.
+
+Trial test cases (real reactor, port 0 on 127.0.0.1, a treq client with its
+own connection pool).  Tests wait for events, with a timeout, and never
+sleep; every test leaves the reactor clean (cleanups hang up the readers,
+close the pool, then shut the engine down).
+
+Runs under ``pytest -p no:twisted`` and ``python -m twisted.trial``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from treq.client import HTTPClient
+
+from acexy_tw.sim.engine import Behaviour, SimEngine, parse_bitrate
+from acexy_tw.streaming.mpegts import PACKET_SIZE
+
+TIMEOUT = 10
+HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+
+def within(d: Deferred) -> Deferred:
+    return d.addTimeout(TIMEOUT, reactor)
+
+
+class BodyReader(Protocol):
+    """Reads a streaming response body; a test can wait for N bytes or the end.
+
+    After the end, ``reason`` is the ``Failure`` given to ``connectionLost``:
+    ``ResponseDone`` for a clean end.
+    """
+
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
+        self.data = bytearray()
+        self.received = 0
+        self.reason: Optional[Failure] = None
+        self._byte_waiters: List[Tuple[int, Deferred]] = []
+        self._end_waiters: List[Deferred] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.keep:
+            self.data += data
+        for item in list(self._byte_waiters):
+            if self.received >= item[0]:
+                self._byte_waiters.remove(item)
+                item[1].callback(self.received)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.reason = reason
+        byte_waiters, self._byte_waiters = self._byte_waiters, []
+        end_waiters, self._end_waiters = self._end_waiters, []
+        for _, d in byte_waiters:
+            d.errback(AssertionError(f"body ended after {self.received} bytes: {reason.value!r}"))
+        for d in end_waiters:
+            d.callback(None)
+
+    def at_least(self, count: int) -> Deferred:
+        """Fires with the byte count once ``count`` bytes have arrived."""
+        if self.received >= count:
+            return succeed(self.received)
+        item: Tuple[int, Deferred] = (count, Deferred(lambda d: self._byte_waiters.remove(item)))
+        self._byte_waiters.append(item)
+        return within(item[1])
+
+    def ended(self) -> Deferred:
+        """Fires (with None: a Failure would travel down the errback chain)
+        once the body has ended; then look at ``reason``."""
+        if self.reason is not None:
+            return succeed(None)
+        d: Deferred = Deferred(lambda d: self._end_waiters.remove(d))
+        self._end_waiters.append(d)
+        return within(d)
+
+    def hang_up(self) -> Deferred:
+        if self.reason is None:
+            self.transport.stopProducing()
+        return self.ended()
+
+
+async def failure_of(d: Deferred) -> Failure:
+    """Await ``d`` expecting it to fail; returns the Failure (boxed on the
+    way: a Failure returned from an errback would stay an error)."""
+    box: List[Failure] = []
+
+    def unexpected(value: Any) -> None:
+        raise AssertionError(f"expected a failure, got {value!r}")
+
+    await within(d.addCallbacks(unexpected, box.append))
+    return box[0]
+
+
+class EngineTestCase(TestCase):
+    """An engine listening on a free port, and a client with its own pool."""
+
+    timeout = 60
+    bitrate: Optional[int] = 2_000_000
+    advertise = ("127.0.0.1", 6878)
+
+    def setUp(self) -> None:
+        self.engine = SimEngine(
+            reactor,
+            bitrate=self.bitrate,
+            advertise_host=self.advertise[0],
+            advertise_port=self.advertise[1],
+        )
+        self.engine.listen()
+        self.addCleanup(lambda: within(self.engine.shutdown()))
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.retryAutomatically = False
+        self.addCleanup(self.pool.closeCachedConnections)
+        self.http = HTTPClient(Agent(reactor, pool=self.pool))
+        self.readers: List[BodyReader] = []
+        self.addCleanup(lambda: gatherResults([r.hang_up() for r in self.readers]))
+
+    # --- helpers ------------------------------------------------------------------
+
+    def local(self, url: str) -> str:
+        """Rewrite an advertised URL to where the engine really listens."""
+        advertised = f"http://{self.advertise[0]}:{self.advertise[1]}"
+        assert url.startswith(advertised + "/"), url
+        return self.engine.url + url[len(advertised) :]
+
+    def get(self, path_or_url: str, **params: str) -> Deferred:
+        url = path_or_url if "://" in path_or_url else self.engine.url + path_or_url
+        return within(self.http.get(url, params=params or None, unbuffered=True))
+
+    async def get_json(self, path_or_url: str, **params: str) -> Tuple[int, Any]:
+        response = await self.get(path_or_url, **params)
+        return response.code, await within(response.json())
+
+    async def getstream(self, **params: str) -> Dict[str, Any]:
+        params = {"format": "json", **params}
+        code, body = await self.get_json("/ace/getstream", **params)
+        self.assertEqual(code, 200)
+        return body
+
+    async def play(self, url: str, keep: bool = True) -> Tuple[Any, BodyReader]:
+        response = await self.get(self.local(url))
+        reader = BodyReader(keep)
+        response.deliverBody(reader)
+        self.readers.append(reader)
+        return response, reader
+
+    async def start(self, content: str = "abc", keep: bool = True) -> Tuple[Dict[str, Any], Any, BodyReader]:
+        """getstream, then open the playback URL."""
+        body = await self.getstream(id=content, pid="player-1")
+        response, reader = await self.play(body["response"]["playback_url"], keep)
+        return body["response"], response, reader
+
+    def wait(self, predicate) -> Deferred:
+        return within(self.engine.when(predicate))
+
+
+class GetstreamTests(EngineTestCase):
+    async def test_success_shape_and_advertised_urls(self) -> None:
+        body = await self.getstream(id="ABCdef", pid="p1", transcode_audio="0")
+        self.assertIsNone(body["error"])
+        answer = body["response"]
+        infohash = hashlib.sha1(b"abcdef").hexdigest()
+        self.assertEqual(answer["infohash"], infohash)
+        self.assertRegex(answer["playback_session_id"], HEX40)
+        self.assertEqual((answer["is_live"], answer["is_encrypted"], answer["client_session_id"]), (1, 0, -1))
+        for key, kind in (("playback_url", "r"), ("stat_url", "stat"), ("command_url", "cmd")):
+            self.assertRegex(answer[key], rf"^http://127\.0\.0\.1:6878/ace/{kind}/{infohash}/[0-9a-f]+$")
+        self.assertNotEqual(self.engine.port, 6878)
+        self.assertEqual(
+            self.engine.getstream_calls,
+            [{"format": "json", "id": "ABCdef", "pid": "p1", "transcode_audio": "0"}],
+        )
+        session = self.engine.sessions[answer["playback_session_id"]]
+        self.assertEqual((session.selector, session.content_key, session.pid), ("content_id", "ABCdef", "p1"))
+        self.assertEqual(session.params["transcode_audio"], "0")
+        self.assertIs(self.engine.last_session, session)
+
+    async def test_every_call_is_a_new_session(self) -> None:
+        first = (await self.getstream(content_id="abc", pid="1"))["response"]
+        second = (await self.getstream(content_id="abc", pid="2"))["response"]
+        self.assertEqual(first["infohash"], second["infohash"])
+        self.assertNotEqual(first["playback_session_id"], second["playback_session_id"])
+        self.assertNotEqual(first["playback_url"], second["playback_url"])
+        self.assertEqual(len(self.engine.active_sessions), 2)
+
+    async def test_infohash_selector_is_kept(self) -> None:
+        infohash = "0123456789ABCDEF0123456789ABCDEF01234567"
+        answer = (await self.getstream(infohash=infohash, pid="1"))["response"]
+        self.assertEqual(answer["infohash"], infohash.lower())
+        self.assertEqual(self.engine.last_session.selector, "infohash")
+
+    async def test_missing_selector_is_an_error(self) -> None:
+        body = await self.getstream(pid="1")
+        self.assertEqual(body, {"response": None, "error": "missing content id"})
+        self.assertEqual(self.engine.sessions, {})
+        self.assertEqual(len(self.engine.getstream_calls), 1)
+
+    async def test_hls_manifest_and_unknown_paths_are_404(self) -> None:
+        for path in ("/ace/manifest.m3u8", "/nope", "/ace/r/x"):
+            response = await self.get(path, id="abc")
+            await within(response.text())
+            self.assertEqual(response.code, 404, path)
+
+    async def test_liveness_endpoints(self) -> None:
+        code, body = await self.get_json("/webui/api/service", method="get_version")
+        self.assertEqual((code, body), (200, {"result": {"code": 3020300, "platform": "linux", "version": "3.2.3"}, "error": None}))
+        code, body = await self.get_json("/server/api", api_version="3", method="get_status")
+        self.assertEqual((code, body), (200, {"result": {"status": 1}, "error": None}))
+
+
+class AdvertisedAddressTests(EngineTestCase):
+    advertise = ("gluetun", 19000)
+
+    async def test_urls_carry_the_advertised_address(self) -> None:
+        answer = (await self.getstream(id="abc"))["response"]
+        for key in ("playback_url", "stat_url", "command_url"):
+            self.assertTrue(answer[key].startswith("http://gluetun:19000/ace/"), answer[key])
+        _, reader = await self.play(answer["playback_url"])
+        await reader.at_least(PACKET_SIZE)
+
+
+class PlaybackTests(EngineTestCase):
+    async def test_playback_is_mpegts(self) -> None:
+        _, response, reader = await self.start()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"video/MP2T"])
+        await reader.at_least(100 * PACKET_SIZE)
+        data = bytes(reader.data[: 100 * PACKET_SIZE])
+        self.assertEqual({data[i] for i in range(0, len(data), PACKET_SIZE)}, {0x47})
+        self.assertEqual(self.engine.open_playbacks, 1)
+
+    async def test_rate_limited_playback_delivers_the_bitrate(self) -> None:
+        answer = (await self.getstream(id="abc"))["response"]
+        started = reactor.seconds()
+        _, reader = await self.play(answer["playback_url"], keep=False)
+        one_second = self.bitrate // 8
+        await reader.at_least(one_second * 95 // 100)
+        elapsed = reactor.seconds() - started
+        self.assertGreater(elapsed, 0.85, "faster than the bitrate")
+        self.assertLess(elapsed, 1.6, "much slower than the bitrate")
+
+    async def test_client_hang_up_is_recorded(self) -> None:
+        answer, _, reader = await self.start()
+        await reader.at_least(10 * PACKET_SIZE)
+        await reader.hang_up()
+        await self.wait(lambda e: e.open_playbacks == 0)
+        session = self.engine.sessions[answer["playback_session_id"]]
+        self.assertEqual(session.closed_by_peer, 1)
+        self.assertEqual(session.playbacks[0].ended_by, "peer")
+        self.assertFalse(session.stopped)
+
+    async def test_stat_while_streaming(self) -> None:
+        answer, _, reader = await self.start()
+        await reader.at_least(10 * PACKET_SIZE)
+        code, body = await self.get_json(self.local(answer["stat_url"]))
+        self.assertEqual(code, 200)
+        self.assertIsNone(body["error"])
+        stat = body["response"]
+        self.assertEqual(stat["status"], "dl")
+        self.assertEqual(stat["speed_down"], round(self.bitrate / 8 / 1024))
+        self.assertGreaterEqual(stat["downloaded"], 10 * PACKET_SIZE)
+        self.assertGreater(stat["peers"], 0)
+
+    async def test_stop_closes_playback_and_forgets_the_session(self) -> None:
+        answer, _, reader = await self.start()
+        await reader.at_least(10 * PACKET_SIZE)
+        code, body = await self.get_json(self.local(answer["command_url"]), method="stop")
+        self.assertEqual((code, body), (200, {"response": "ok", "error": None}))
+        await reader.ended()
+        reason = reader.reason
+        self.assertTrue(reason.check(ResponseDone), reason)
+        session = self.engine.sessions[answer["playback_session_id"]]
+        self.assertTrue(session.stopped)
+        self.assertEqual((session.stop_commands, self.engine.stop_count), (1, 1))
+        self.assertEqual((session.closed_by_peer, session.playbacks[0].ended_by), (0, "engine"))
+        await self.wait(lambda e: e.open_playbacks == 0)
+        self.assertEqual(self.engine.active_sessions, [])
+
+        unknown = {"response": None, "error": "unknown playback session id"}
+        self.assertEqual(await self.get_json(self.local(answer["stat_url"])), (200, unknown))
+        self.assertEqual(await self.get_json(self.local(answer["command_url"]), method="stop"), (200, unknown))
+        self.assertEqual(session.stop_commands, 2)
+        response = await self.get(self.local(answer["playback_url"]))
+        await within(response.text())
+        self.assertEqual(response.code, 404)
+
+    async def test_unknown_token_is_404(self) -> None:
+        answer = (await self.getstream(id="abc"))["response"]
+        response = await self.get(self.local(answer["playback_url"]) + "0")
+        await within(response.text())
+        self.assertEqual(response.code, 404)
+
+
+class FlatOutTests(EngineTestCase):
+    bitrate = None
+
+    async def test_flat_out_is_fast_and_honours_pauses(self) -> None:
+        answer, _, reader = await self.start(keep=False)
+        await reader.at_least(8 * 1024 * 1024)
+        stream = self.engine.last_session.playbacks[0]
+
+        reader.transport.pauseProducing()  # stop reading: buffers fill up
+        # The engine is paused and resumed while the kernel buffers still take
+        # data; once they are full it stays paused.  A stat round trip lets the
+        # reactor turn: wait for one during which nothing was sent.
+        for _ in range(100):
+            await self.wait(lambda e: stream.paused)
+            sent = stream.bytes_sent
+            await self.get_json(self.local(answer["stat_url"]))
+            if stream.paused and stream.bytes_sent == sent:
+                break
+        self.assertGreaterEqual(stream.pauses, 1)
+        await self.get_json(self.local(answer["stat_url"]))
+        self.assertEqual(stream.bytes_sent, sent)
+
+        reader.transport.resumeProducing()
+        await self.wait(lambda e: stream.bytes_sent > sent + 4 * 1024 * 1024)
+        await reader.hang_up()
+        await self.wait(lambda e: e.open_playbacks == 0)
+        self.assertEqual(stream.ended_by, "peer")
+
+    async def test_reset_after_a_large_budget_delivers_every_byte(self) -> None:
+        budget = 20_000 * PACKET_SIZE
+        self.engine.behaviour.reset_after = budget
+        _, _, reader = await self.start(keep=False)
+        await reader.ended()
+        reason = reader.reason
+        self.assertEqual(reader.received, budget)
+        self.assertFalse(reason.check(ResponseDone), reason)
+        self.assertEqual(self.engine.last_session.playbacks[0].end_reason, "reset")
+
+
+class MisbehaviourTests(EngineTestCase):
+    async def test_json_delay(self) -> None:
+        self.engine.behaviour.json_delay = 0.5
+        started = reactor.seconds()
+        body = await self.getstream(id="abc")
+        self.assertGreaterEqual(reactor.seconds() - started, 0.45)
+        self.assertIsNone(body["error"])
+
+    async def test_json_hang_until_the_client_gives_up(self) -> None:
+        self.engine.behaviour.json_hang = True
+        d = self.http.get(self.engine.url + "/ace/getstream", params={"id": "abc"})
+        await self.wait(lambda e: e.pending_answers == 1)
+        self.assertEqual(len(self.engine.getstream_calls), 1)
+        d.cancel()
+        await failure_of(d)
+        await self.wait(lambda e: e.pending_answers == 0)
+        self.assertEqual(self.engine.sessions, {})
+
+    async def test_behaviour_applies_to_later_requests_only(self) -> None:
+        self.engine.behaviour.json_delay = 0.3
+        d = Deferred.fromCoroutine(self.getstream(id="slow"))
+        await self.wait(lambda e: e.pending_answers == 1)
+        self.engine.behaviour = Behaviour(json_error="changed")
+        body = await d
+        self.assertIsNone(body["error"])
+        self.assertEqual(await self.getstream(id="x"), {"response": None, "error": "changed"})
+
+    async def test_json_error(self) -> None:
+        self.engine.behaviour.json_error = "no peers"
+        self.assertEqual(await self.getstream(id="abc"), {"response": None, "error": "no peers"})
+        self.assertEqual(self.engine.sessions, {})
+
+    async def test_getstream_status(self) -> None:
+        self.engine.behaviour.getstream_status = 500
+        response = await self.get("/ace/getstream", format="json", id="abc")
+        self.assertEqual(response.code, 500)
+        self.assertEqual(await within(response.text()), "Internal Server Error")
+
+    async def test_playback_status(self) -> None:
+        answer = (await self.getstream(id="abc"))["response"]
+        self.engine.behaviour.playback_status = 500
+        response = await self.get(self.local(answer["playback_url"]))
+        self.assertEqual(response.code, 500)
+        self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/html"))
+        self.assertIn("500", await within(response.text()))
+        self.assertEqual(self.engine.last_session.playbacks[0].end_reason, "error page")
+        self.assertEqual(self.engine.open_playbacks, 0)
+
+    async def test_playback_delay_is_prebuffering(self) -> None:
+        answer = (await self.getstream(id="abc"))["response"]
+        self.engine.behaviour.playback_delay = 0.5
+        started = reactor.seconds()
+        d = self.get(self.local(answer["playback_url"]))
+        await self.wait(lambda e: e.open_playbacks == 1)
+        _, stat = await self.get_json(self.local(answer["stat_url"]))
+        self.assertEqual(stat["response"]["status"], "prebuf")
+        response = await d
+        self.assertGreaterEqual(reactor.seconds() - started, 0.45)
+        reader = BodyReader()
+        response.deliverBody(reader)
+        self.readers.append(reader)
+        await reader.at_least(PACKET_SIZE)
+
+    async def test_playback_hang_until_the_client_gives_up(self) -> None:
+        answer = (await self.getstream(id="abc"))["response"]
+        self.engine.behaviour.playback_hang = True
+        d = self.http.get(self.local(answer["playback_url"]), unbuffered=True)
+        await self.wait(lambda e: e.open_playbacks == 1)
+        stream = self.engine.last_session.playbacks[0]
+        self.assertTrue(stream.waiting)
+        d.cancel()
+        await failure_of(d)
+        await self.wait(lambda e: e.open_playbacks == 0)
+        self.assertEqual((stream.ended_by, self.engine.last_session.closed_by_peer), ("peer", 1))
+
+    async def test_stall_after(self) -> None:
+        self.engine.behaviour.stall_after = 1000  # rounds down to 5 packets
+        answer, _, reader = await self.start()
+        stream = self.engine.last_session.playbacks[0]
+        await self.wait(lambda e: stream.state == stream.STALLED)
+        await reader.at_least(5 * PACKET_SIZE)
+        await self.get_json(self.local(answer["stat_url"]))  # let the reactor turn
+        self.assertEqual((reader.received, stream.bytes_sent), (5 * PACKET_SIZE, 5 * PACKET_SIZE))
+        self.assertIsNone(reader.reason)
+        self.assertEqual(self.engine.open_playbacks, 1)
+
+    async def test_eof_after(self) -> None:
+        self.engine.behaviour.eof_after = 300 * PACKET_SIZE
+        _, _, reader = await self.start()
+        await reader.ended()
+        reason = reader.reason
+        self.assertTrue(reason.check(ResponseDone), reason)
+        self.assertEqual(reader.received, 300 * PACKET_SIZE)
+        stream = self.engine.last_session.playbacks[0]
+        self.assertEqual((stream.ended_by, stream.end_reason), ("engine", "eof"))
+        self.assertEqual(self.engine.last_session.closed_by_peer, 0)
+
+    async def test_reset_after(self) -> None:
+        self.engine.behaviour.reset_after = 500 * PACKET_SIZE
+        _, _, reader = await self.start()
+        await reader.ended()
+        reason = reader.reason
+        self.assertFalse(reason.check(ResponseDone), reason)
+        self.assertEqual(reader.received, 500 * PACKET_SIZE)
+        await self.wait(lambda e: e.open_playbacks == 0)
+        self.assertEqual(self.engine.last_session.playbacks[0].end_reason, "reset")
+
+    async def test_stop_status(self) -> None:
+        answer, _, reader = await self.start()
+        self.engine.behaviour.stop_status = 500
+        code, body = await self.get_json(self.local(answer["command_url"]), method="stop")
+        self.assertEqual(code, 500)
+        self.assertIsNone(body["response"])
+        session = self.engine.last_session
+        self.assertEqual((session.stopped, session.stop_commands), (False, 1))
+        await reader.at_least(reader.received + 10 * PACKET_SIZE)  # still streaming
+
+    async def test_stop_hang(self) -> None:
+        answer, _, reader = await self.start()
+        self.engine.behaviour.stop_hang = True
+        d = self.http.get(self.local(answer["command_url"]), params={"method": "stop"})
+        await self.wait(lambda e: e.stop_count == 1 and e.pending_answers == 1)
+        self.assertFalse(self.engine.last_session.stopped)
+        d.cancel()
+        await failure_of(d)
+        await self.wait(lambda e: e.pending_answers == 0)
+        await reader.at_least(reader.received + 10 * PACKET_SIZE)  # still streaming
+
+
+class ListeningTests(EngineTestCase):
+    async def test_stop_listening_refuses_then_listen_again_on_the_same_port(self) -> None:
+        _, _, reader = await self.start()
+        port = self.engine.port
+        await within(self.engine.stop_listening())
+        self.assertFalse(self.engine.listening)
+        await reader.at_least(reader.received + 10 * PACKET_SIZE)  # open playback carries on
+
+        await self.pool.closeCachedConnections()  # no reuse of a kept-alive connection
+        failure = await failure_of(self.get("/webui/api/service", method="get_version"))
+        self.assertTrue(failure.check(ConnectionRefusedError), failure)
+
+        self.engine.listen(port)
+        self.assertEqual(self.engine.port, port)
+        code, _ = await self.get_json("/webui/api/service", method="get_version")
+        self.assertEqual(code, 200)
+
+    def test_listen_twice_is_an_error(self) -> None:
+        self.assertRaises(RuntimeError, self.engine.listen)
+
+
+class CloseTests(EngineTestCase):
+    async def test_close_drops_streams_timers_and_connections(self) -> None:
+        _, _, reader = await self.start()
+        await reader.at_least(PACKET_SIZE)
+        self.engine.behaviour.json_delay = 30  # a pending DelayedCall
+        delayed = self.http.get(self.engine.url + "/ace/getstream", params={"id": "x"})
+        self.engine.behaviour = Behaviour(json_hang=True)
+        hung = self.http.get(self.engine.url + "/ace/getstream", params={"id": "y"})
+        await self.wait(lambda e: e.pending_answers == 2)
+
+        await within(self.engine.close())
+        self.assertEqual((self.engine.connections, self.engine.pending_answers), (0, 0))
+        self.assertEqual(self.engine.open_playbacks, 0)
+        self.assertEqual(self.engine.last_session.playbacks[0].end_reason, "engine closed")
+        await reader.ended()
+        self.assertFalse(reader.reason.check(ResponseDone))
+        await failure_of(delayed)
+        await failure_of(hung)
+        self.assertTrue(self.engine.listening)  # close() leaves the port open
+
+
+class WhenTests(EngineTestCase):
+    def test_fires_at_once_when_already_true(self) -> None:
+        self.assertIsNone(self.successResultOf(self.engine.when(lambda e: True)))
+        self.assertEqual(self.engine.waiters, 0)
+
+    async def test_fires_on_the_state_change(self) -> None:
+        d = self.engine.when(lambda e: len(e.getstream_calls) == 2)
+        await self.getstream(id="a")
+        self.assertFalse(d.called)
+        await self.getstream(id="b")
+        self.assertTrue(d.called)
+        await d
+
+    def test_cancel_removes_the_waiter(self) -> None:
+        d = self.engine.when(lambda e: False)
+        self.assertEqual(self.engine.waiters, 1)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.engine.waiters, 0)
+
+    def test_predicate_error_fails_the_waiter(self) -> None:
+        self.failureResultOf(self.engine.when(lambda e: 1 / 0), ZeroDivisionError)
+        self.assertEqual(self.engine.waiters, 0)
+
+
+class BitrateParsingTests(TestCase):
+    def test_parse_bitrate(self) -> None:
+        self.assertEqual(parse_bitrate("4M"), 4_000_000)
+        self.assertEqual(parse_bitrate("500k"), 500_000)
+        self.assertEqual(parse_bitrate("8000000"), 8_000_000)
+        self.assertEqual(parse_bitrate("1.5m"), 1_500_000)
+        self.assertRaises(ValueError, parse_bitrate, "fast")
