@@ -1,0 +1,211 @@
+"""
+``twistd -n acexy`` as a user starts it: the demo serves valid MPEG-TS, SIGTERM
+stops everything within 5 s (engine sessions stopped), bad settings stop
+start-up with the variable named, and the plugin ships correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
+
+ROOT = Path(__file__).resolve().parents[2]
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+DEMO_ID = "0123456789abcdef0123456789abcdef01234567"
+TIMEOUT = 20
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACEXY_")}
+    env.update(extra)
+    return env
+
+
+class Twistd(ProcessProtocol):
+    """A twistd child: its output, the port it announced, its exit."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.port: Deferred = Deferred()
+        self.ended: Deferred = Deferred()
+        self.status = None
+        self.signal = None
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        m = re.search(rb"serving on [\d.]+:(\d+)", self.output)
+        if m and not self.port.called:
+            self.port.callback(int(m.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:
+        self.status = reason.value.exitCode
+        self.signal = reason.value.signal
+        if not self.port.called:
+            self.port.errback(RuntimeError("twistd exited: " + self.output.decode(errors="replace")))
+        self.ended.callback(self.status)
+
+
+def spawn(reactor, *args: str, env: dict | None = None) -> Twistd:
+    proto = Twistd()
+    argv = [TWISTD, "-n", "--pidfile=", "acexy", *args]
+    reactor.spawnProcess(proto, TWISTD, argv, env=env or clean_env(), path=str(ROOT))
+    return proto
+
+
+class Reader:
+    """Reads ``limit`` bytes of a body, then hangs up."""
+
+    def __init__(self, limit: int) -> None:
+        from twisted.internet.protocol import Protocol
+
+        outer = self
+        self.data = bytearray()
+        self.done: Deferred = Deferred()
+
+        class P(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                outer.data += data
+                if len(outer.data) >= limit and not outer.done.called:
+                    self.transport.stopProducing()
+                    outer.done.callback(bytes(outer.data[:limit]))
+
+            def connectionLost(self, reason=None) -> None:
+                if not outer.done.called:
+                    outer.done.callback(bytes(outer.data))
+
+        self.protocol = P()
+
+
+@pytest_twisted.ensureDeferred
+async def test_demo_streams_valid_ts_and_sigterm_stops_within_5s(reactor, tmp_path):
+    proc = spawn(reactor, "--demo", "--listen", "tcp:0:interface=127.0.0.1", "--linger", "30s")
+    try:
+        port = await proc.port.addTimeout(TIMEOUT, reactor)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        client = HTTPClient(Agent(reactor, pool=pool))
+        response = await client.get(
+            f"http://127.0.0.1:{port}/ace/getstream?id={DEMO_ID}", unbuffered=True
+        ).addTimeout(TIMEOUT, reactor)
+        assert response.code == 200
+        assert response.headers.getRawHeaders(b"content-type") == [b"video/MP2T"]
+        reader = Reader(1024 * 1024)  # what `curl ... | head -c 1M` gives a newcomer
+        response.deliverBody(reader.protocol)
+        data = await reader.done.addTimeout(TIMEOUT, reactor)
+        assert len(data) == 1024 * 1024
+        assert all(data[i] == 0x47 for i in range(0, len(data) - 188, 188))
+        if shutil.which("ffprobe"):
+            capture = tmp_path / "demo.ts"
+            capture.write_bytes(data)
+            out, err, code = await getProcessOutputAndValue(
+                "ffprobe",
+                ["-v", "error", "-show_format", "-show_streams", "-of", "json", str(capture)],
+                env=os.environ,
+            ).addTimeout(TIMEOUT, reactor)
+            assert code == 0, err
+            doc = json.loads(out)
+            assert "mpegts" in doc["format"]["format_name"]
+            assert {s["codec_type"] for s in doc["streams"]} >= {"video", "audio"}
+        await pool.closeCachedConnections()
+    finally:
+        # linger is 30 s, so the session is still open: shutdown must stop it.
+        started = reactor.seconds()
+        proc.transport.signalProcess(signal.SIGTERM)
+        status = await proc.ended.addTimeout(TIMEOUT, reactor)
+    elapsed = reactor.seconds() - started
+    # twistd re-raises SIGTERM on itself after a clean shutdown (exit "by signal 15",
+    # which systemd counts as success); anything else is a crash.
+    assert (status, proc.signal) in ((0, None), (None, signal.SIGTERM)), proc.output.decode(errors="replace")
+    assert "Server Shut Down." in proc.output.decode(errors="replace")
+    assert elapsed < 5, f"shutdown took {elapsed:.2f}s"
+    log = proc.output.decode(errors="replace")
+    assert "closed (shutdown)" in log
+    assert "Traceback" not in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_setting_stops_startup_naming_the_variable(reactor):
+    proc = spawn(reactor, env=clean_env(ACEXY_BUFFER_SIZE="4 potatoes"))
+    status = await proc.ended.addTimeout(TIMEOUT, reactor)
+    proc.port.addErrback(lambda _: None)
+    out = proc.output.decode(errors="replace")
+    assert status == 1
+    assert "ACEXY_BUFFER_SIZE='4 potatoes'" in out
+    assert "Traceback" not in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_flag_beats_env(reactor):
+    proc = spawn(
+        reactor,
+        "--buffer-size",
+        "nonsense",
+        env=clean_env(ACEXY_BUFFER_SIZE="4MiB"),
+    )
+    status = await proc.ended.addTimeout(TIMEOUT, reactor)
+    proc.port.addErrback(lambda _: None)
+    assert status == 1
+    assert "ACEXY_BUFFER_SIZE (--buffer-size)='nonsense'" in proc.output.decode(errors="replace")
+
+
+def test_plugin_is_discoverable():
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
+
+    makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
+    assert "acexy" in makers
+    assert makers["acexy"].options().parseOptions(["--listen", "tcp:0"]) is None
+
+
+@pytest.mark.skipif(not shutil.which("git"), reason="needs git for a clean build tree")
+def test_wheel_ships_only_the_plugin_under_twisted_and_it_loads(tmp_path):
+    """pip install . (non-editable): the wheel's plugin makes `twistd acexy` work on its own."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    [wheel] = list(wheels.glob("acexy_tw-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    under_twisted = [n for n in names if n.startswith("twisted/")]
+    assert under_twisted == ["twisted/plugins/acexy_plugin.py"], under_twisted
+    assert not any(n.startswith("tests/") for n in names)
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        timeout=300,
+    )
+    # Run from an empty directory with only the installed wheel ahead on the path.
+    probe = (
+        "import acexy_tw, sys;"
+        "from twisted.plugin import getPlugins;"
+        "from twisted.application.service import IServiceMaker;"
+        "names = [m.tapname for m in getPlugins(IServiceMaker)];"
+        "print(acexy_tw.__file__); print('acexy' in names)"
+    )
+    env = clean_env(PYTHONPATH=str(target))
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    file_line, found = out.stdout.split()
+    assert file_line.startswith(str(target)), file_line
+    assert found == "True"
