@@ -25,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, TypeVar
@@ -376,6 +376,40 @@ def _listen_port(text: str) -> int:
     return int(text)
 
 
+def parse_orchestrator_url(text: str) -> str:
+    """An http(s) base URL without query or fragment; a trailing slash is dropped."""
+    from urllib.parse import urlsplit
+
+    text = text.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL, e.g. http://orchestrator:8000")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials (put the key in ACEXY_ORCH_APIKEY)")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("has a bad port") from None
+    return text.rstrip("/")
+
+
+def parse_api_key(text: str) -> str:
+    """A bearer token: printable ASCII, no spaces (it goes into a header)."""
+    text = text.strip()
+    if not text.isascii() or not text.isprintable() or " " in text:
+        raise ValueError("must be printable ASCII without spaces")
+    return text
+
+
+def parse_streams_per_engine(text: str) -> int:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
+        raise ValueError("must be a whole number from 1 to 1000")
+    return int(text)
+
+
 def optional(parser: Callable[[str], T]) -> Callable[[str], Optional[T]]:
     """
     Wrap ``parser`` so an empty (or blank) text means "not set": ``None``.
@@ -504,6 +538,71 @@ SETTINGS: tuple[Setting, ...] = (
         parser=parse_log_level,
         help="Log level: debug, info, warn or error",
     ),
+    # -- acestream-orchestrator (empty URL: no orchestrator, the engine above) --
+    Setting(
+        field="orch_url",
+        env="ACEXY_ORCH_URL",
+        aliases=(),
+        option="orch-url",
+        default="",
+        parser=optional(parse_orchestrator_url),
+        help="acestream-orchestrator base URL (empty: use the engine above only)",
+    ),
+    Setting(
+        field="orch_apikey",
+        env="ACEXY_ORCH_APIKEY",
+        aliases=(),
+        option="orch-apikey",
+        default="",
+        parser=optional(parse_api_key),
+        help="Orchestrator API key, sent as a Bearer token (never logged)",
+        secret=True,
+    ),
+    Setting(
+        field="max_streams_per_engine",
+        env="ACEXY_MAX_STREAMS_PER_ENGINE",
+        aliases=(),
+        option="max-streams-per-engine",
+        default="1",
+        parser=parse_streams_per_engine,
+        help="Streams one orchestrated engine may carry before another is used or provisioned",
+    ),
+    Setting(
+        field="health_interval",
+        env="ACEXY_HEALTH_INTERVAL",
+        aliases=(),
+        option="health-interval",
+        default="30s",
+        parser=parse_positive_duration,
+        help="How often the orchestrator's status is polled",
+    ),
+    Setting(
+        field="outage_poll_interval",
+        env="ACEXY_OUTAGE_POLL_INTERVAL",
+        aliases=(),
+        option="outage-poll-interval",
+        default="10s",
+        parser=parse_positive_duration,
+        help="Status poll interval while provisioning is blocked or the orchestrator is unreachable",
+    ),
+    Setting(
+        field="provision_timeout",
+        env="ACEXY_PROVISION_TIMEOUT",
+        aliases=(),
+        option="provision-timeout",
+        default="60s",
+        parser=parse_positive_duration,
+        help="How long one provisioning request may take",
+    ),
+    Setting(
+        field="engine_ready_timeout",
+        env="ACEXY_ENGINE_READY_TIMEOUT",
+        aliases=(),
+        option="engine-ready-timeout",
+        default="30s",
+        parser=parse_positive_duration,
+        help="How long a newly provisioned engine may take to answer",
+    ),
 )
 
 
@@ -520,6 +619,13 @@ class Config:
     buffer_size: int  # bytes, 0 < n <= 1GiB
     linger: float  # seconds, >= 0
     log_level: str  # "debug" | "info" | "warn" | "error"
+    orch_url: Optional[str] = None  # None: no orchestrator
+    orch_apikey: Optional[str] = field(default=None, repr=False)  # secret: never in repr/logs
+    max_streams_per_engine: int = 1
+    health_interval: float = 30.0
+    outage_poll_interval: float = 10.0
+    provision_timeout: float = 60.0
+    engine_ready_timeout: float = 30.0
     demo: bool = False  # set by --demo, not from the environment
 
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from twisted.internet import error as neterror
@@ -33,6 +33,11 @@ class EngineError(Exception):
     """The engine refused, failed or sent something that is not video (502)."""
 
     http_status = 502
+
+
+class ContentError(EngineError):
+    """The engine answered, and refused this content (its JSON ``error``):
+    another engine would say the same, so placement does not try elsewhere."""
 
 
 class EngineTimeout(EngineError):
@@ -196,9 +201,12 @@ class EngineClient:
         *,
         timeout: float,
         stop_timeout: float = 5.0,
+        container_id: Optional[str] = None,
     ) -> None:
         self._http = http
         self.address = address
+        #: the orchestrator's container id for this engine (None: not orchestrated)
+        self.container_id = container_id
         self._clock = clock
         self.timeout = timeout
         self.stop_timeout = stop_timeout
@@ -229,7 +237,7 @@ class EngineClient:
         if not isinstance(doc, dict):
             raise EngineError(f"engine answered {code} with unexpected JSON")
         if doc.get("error"):
-            raise EngineError(f"engine error: {str(doc['error'])[:300]}")
+            raise ContentError(f"engine error: {str(doc['error'])[:300]}")
         resp = doc.get("response")
         if not isinstance(resp, dict):
             raise EngineError(f"engine answered {code} without a session")
@@ -293,13 +301,13 @@ class EngineClient:
             Deferred.fromCoroutine(self._json(info.stat_url)), self.timeout, self._clock, "stat"
         )
 
-    def version(self) -> Deferred[dict]:
+    def version(self, timeout: Optional[float] = None) -> Deferred[dict]:
         """Cheap liveness probe: ``/webui/api/service?method=get_version``."""
         return bounded(
             Deferred.fromCoroutine(
                 self._json(f"{self.address.url}/webui/api/service?method=get_version")
             ),
-            self.timeout,
+            timeout or self.timeout,
             self._clock,
             "get_version",
         )

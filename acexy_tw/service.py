@@ -27,7 +27,7 @@ from treq.client import HTTPClient
 from acexy_tw import __version__
 from acexy_tw.config import Config, ConfigError
 from acexy_tw.content import ContentKey
-from acexy_tw.engine import EngineAddress, EngineClient
+from acexy_tw.engine import EngineAddress, EngineClient, PlaybackInfo
 from acexy_tw.logs import get_logger, set_level
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.web.app import ProxyApp
@@ -148,8 +148,8 @@ class AcexyService(MultiService):
         self.listener = ListenerService(config.listen, endpoint, self.site)
         self.listener.setServiceParent(self)
 
-    async def _place(self, key: ContentKey) -> EngineClient:
-        return self.engine
+    async def _place(self, key: ContentKey) -> tuple[EngineClient, PlaybackInfo]:
+        return self.engine, await self.engine.start(key)
 
     def startService(self) -> None:
         set_level(self.config.log_level)

@@ -32,12 +32,14 @@ class SessionRegistry:
         empty_timeout: float,
         linger: float,
         on_session_closed: Optional[Callable[[EngineSession, str], None]] = None,
+        on_session_streaming: Optional[Callable[[EngineSession], None]] = None,
     ) -> None:
         self._place = place
         self._clock = clock
         self._empty_timeout = empty_timeout
         self._linger = linger
         self._on_session_closed = on_session_closed
+        self._on_session_streaming = on_session_streaming
         self._sessions: dict[ContentKey, EngineSession] = {}
         self._stops: set[Deferred] = set()
         self.sessions_started = 0
@@ -74,6 +76,7 @@ class SessionRegistry:
                 empty_timeout=self._empty_timeout,
                 linger=self._linger,
                 on_closed=self._closed,
+                on_streaming=self._on_session_streaming,
             )
             self._sessions[key] = session
             self.sessions_started += 1

@@ -38,8 +38,9 @@ from acexy_tw.streaming.sink import ClientSink
 
 log = get_logger(__name__)
 
-#: chooses the engine for a new session (the fixed engine, or the orchestrator's pick)
-Placement = Callable[[ContentKey], Awaitable[EngineClient]]
+#: finds an engine for a new session and starts the session there: returns the
+#: engine and what it answered (the fixed engine, or the orchestrator's pick)
+Placement = Callable[[ContentKey], Awaitable[tuple[EngineClient, PlaybackInfo]]]
 
 
 class ShuttingDown(EngineError):
@@ -74,6 +75,7 @@ class EngineSession:
         empty_timeout: float,
         linger: float,
         on_closed: Callable[["EngineSession", str], None],
+        on_streaming: Optional[Callable[["EngineSession"], None]] = None,
     ) -> None:
         self.key = key
         self.state = self.STARTING
@@ -87,7 +89,9 @@ class EngineSession:
         self.first_byte_at: Optional[float] = None
         self.close_reason: Optional[str] = None
         self.stop_result: Optional[Deferred] = None
+        self.stream_id: Optional[str] = None  # set when reported to the orchestrator
         self._place = place
+        self._on_streaming = on_streaming
         self._clock = clock
         self._empty_timeout = empty_timeout
         self._linger = linger
@@ -128,8 +132,10 @@ class EngineSession:
         self._start_d.addErrback(self._start_failed)
 
     async def _start(self) -> None:
-        self.engine = await self._place(self.key)
-        self.info = await self.engine.start(self.key)
+        self.engine, self.info = await self._place(self.key)
+        if self.closed:  # closed while the engine accepted: close() could not stop it
+            self._send_stop(self.engine, self.info)
+            return
         response = await self.engine.open_playback(self.info)
         if self.closed:  # closed while the headers were on their way
             discard_body(response)
@@ -147,6 +153,8 @@ class EngineSession:
         # deliverBody hands over any body bytes already buffered, synchronously:
         # the sinks are attached already, so the first bytes reach them.
         response.deliverBody(_Upstream(self))
+        if self._on_streaming is not None and not self.closed:
+            self._on_streaming(self)
 
     def _start_failed(self, failure: Failure) -> None:
         if self.closed:

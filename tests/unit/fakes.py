@@ -127,7 +127,7 @@ class Proxy:
         self.closed: list[tuple[Any, str]] = []
 
         async def place(key: ContentKey) -> Any:
-            return self.engine
+            return self.engine, await self.engine.start(key)
 
         self.registry = SessionRegistry(
             place,

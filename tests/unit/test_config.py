@@ -453,6 +453,13 @@ EXPECTED_TABLE = [
     ("buffer_size", "ACEXY_BUFFER_SIZE", ("ACEXY_BUFFER",), "buffer-size", "4MiB"),
     ("linger", "ACEXY_LINGER", (), "linger", "5s"),
     ("log_level", "ACEXY_LOG_LEVEL", (), "log-level", "info"),
+    ("orch_url", "ACEXY_ORCH_URL", (), "orch-url", ""),
+    ("orch_apikey", "ACEXY_ORCH_APIKEY", (), "orch-apikey", ""),
+    ("max_streams_per_engine", "ACEXY_MAX_STREAMS_PER_ENGINE", (), "max-streams-per-engine", "1"),
+    ("health_interval", "ACEXY_HEALTH_INTERVAL", (), "health-interval", "30s"),
+    ("outage_poll_interval", "ACEXY_OUTAGE_POLL_INTERVAL", (), "outage-poll-interval", "10s"),
+    ("provision_timeout", "ACEXY_PROVISION_TIMEOUT", (), "provision-timeout", "60s"),
+    ("engine_ready_timeout", "ACEXY_ENGINE_READY_TIMEOUT", (), "engine-ready-timeout", "30s"),
 ]
 
 
