@@ -26,10 +26,14 @@ from treq.client import HTTPClient
 
 from acexy_tw import __version__
 from acexy_tw.config import Config, ConfigError
-from acexy_tw.content import ContentKey
-from acexy_tw.engine import EngineAddress, EngineClient, PlaybackInfo
+from acexy_tw.engine import EngineAddress, EngineClient
 from acexy_tw.logs import get_logger, set_level
+from acexy_tw.orchestrator.client import OrchestratorClient
+from acexy_tw.orchestrator.events import EventReporter
+from acexy_tw.orchestrator.health import HealthMonitor
+from acexy_tw.placement import Placement
 from acexy_tw.streaming.registry import SessionRegistry
+from acexy_tw.streaming.session import EngineSession
 from acexy_tw.web.app import ProxyApp
 
 log = get_logger(__name__)
@@ -122,17 +126,52 @@ class AcexyService(MultiService):
             timeout=config.no_response_timeout,
             stop_timeout=min(config.no_response_timeout, STOP_BUDGET),
         )
+        self.orchestrator: Optional[OrchestratorClient] = None
+        self.monitor: Optional[HealthMonitor] = None
+        self.events: Optional[EventReporter] = None
+        if config.orch_url:
+            self.orchestrator = OrchestratorClient(
+                self.http,
+                config.orch_url,
+                config.orch_apikey,
+                reactor,
+                timeout=config.no_response_timeout,
+                provision_timeout=config.provision_timeout,
+            )
+            self.monitor = HealthMonitor(
+                self.orchestrator.status,
+                reactor,
+                interval=config.health_interval,
+                outage_interval=config.outage_poll_interval,
+                timeout=config.no_response_timeout,
+            )
+            self.monitor.setServiceParent(self)
+            self.events = EventReporter(self.orchestrator, reactor)
+        self.placement = Placement(
+            fallback=self.engine,
+            make_engine=self._make_engine,
+            clock=reactor,
+            orchestrator=self.orchestrator,
+            monitor=self.monitor,
+            max_streams=config.max_streams_per_engine,
+            health_interval=config.health_interval,
+            outage_poll_interval=config.outage_poll_interval,
+            engine_ready_timeout=config.engine_ready_timeout,
+        )
         self.registry = SessionRegistry(
-            self._place,
+            self.placement,
             reactor,
             empty_timeout=config.empty_timeout,
             linger=config.linger,
+            on_session_closed=self._session_closed,
+            on_session_streaming=self.events.started if self.events else None,
         )
         self.web = ProxyApp(
             self.registry,
             reactor,
             buffer_size=config.buffer_size,
             stuck_timeout=config.empty_timeout,
+            orchestrator_status=self._orchestrator_status if self.orchestrator else None,
         )
         self.site = QuietSite(self.web.resource(), reactor=reactor)
         self.sim: Any = None
@@ -148,8 +187,51 @@ class AcexyService(MultiService):
         self.listener = ListenerService(config.listen, endpoint, self.site)
         self.listener.setServiceParent(self)
 
-    async def _place(self, key: ContentKey) -> tuple[EngineClient, PlaybackInfo]:
-        return self.engine, await self.engine.start(key)
+    def _make_engine(self, host: str, port: int, container_id: Optional[str]) -> EngineClient:
+        return EngineClient(
+            self.http,
+            EngineAddress(self.config.engine_scheme, host, port),
+            self.reactor,
+            timeout=self.config.no_response_timeout,
+            stop_timeout=min(self.config.no_response_timeout, STOP_BUDGET),
+            container_id=container_id,
+        )
+
+    def _session_closed(self, session: EngineSession, reason: str) -> None:
+        self.placement.release(session.key)
+        if self.events is not None:
+            self.events.ended(session, reason)
+
+    def _orchestrator_status(self) -> dict[str, Any]:
+        """The orchestrator section of /ace/status (never the API key)."""
+        assert self.monitor is not None
+        snap = self.monitor.snapshot
+        age = self.monitor.age()
+        doc: dict[str, Any] = {
+            "url": self.config.orch_url,
+            "reachable": self.monitor.reachable,
+            "last_error": self.monitor.last_error,
+            "snapshot_age": None if age is None else round(age, 1),
+            "poll_interval": self.monitor.current_interval,
+            **self.placement.describe(),
+        }
+        if snap is not None:
+            blocked = snap.blocked
+            doc.update(
+                status=snap.status,
+                can_provision=snap.can_provision,
+                blocked_code=getattr(blocked, "code", None),
+                blocked_eta=getattr(blocked, "recovery_eta_seconds", None),
+                circuit_breaker=snap.breaker_state,
+                vpn={"enabled": snap.vpn_enabled, "connected": snap.vpn_connected, "down": snap.vpn_down},
+                capacity={
+                    "total": snap.capacity_total,
+                    "used": snap.capacity_used,
+                    "available": snap.capacity_available,
+                    "max_replicas": snap.max_replicas,
+                },
+            )
+        return doc
 
     def startService(self) -> None:
         set_level(self.config.log_level)
@@ -159,6 +241,12 @@ class AcexyService(MultiService):
         for child in self:
             if child is not self.sim:
                 child.startService()
+        if self.orchestrator is not None:
+            log.info(
+                "orchestrator {url}: placing new streams through it (fallback engine {engine})",
+                url=self.config.orch_url,
+                engine=self.engine.address.url,
+            )
         Service.startService(self)
         self.listener.when_listening().addCallback(self._announce)
 
@@ -189,6 +277,10 @@ class AcexyService(MultiService):
     async def _stop(self) -> None:
         await self._bounded(self.listener.stopService(), "listener")
         await self._bounded(self.registry.shutdown(), "engine sessions")
+        if self.events is not None:
+            await self._bounded(self.events.flush(), "orchestrator events", 2.0)
+        if self.monitor is not None:
+            self.monitor.stopService()
         await self._bounded(self.pool.closeCachedConnections(), "connection pool", 1.0)
         if self.sim is not None:
             await self._bounded(self.sim.stopService(), "demo engine", 1.0)

@@ -19,6 +19,7 @@ from acexy_tw import __version__
 from acexy_tw.content import BadRequest, parse_query
 from acexy_tw.engine import EngineError
 from acexy_tw.logs import get_logger
+from acexy_tw.placement import NoEngine
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.session import EngineSession, ShuttingDown
 from acexy_tw.streaming.sink import ClientSink
@@ -59,12 +60,14 @@ class ProxyApp:
         buffer_size: int,
         stuck_timeout: float,
         on_cut: Optional[Callable[[ClientSink, str], None]] = None,
+        orchestrator_status: Optional[Callable[[], dict]] = None,
     ) -> None:
         self.registry = registry
         self._clock = clock
         self._buffer_size = buffer_size
         self._stuck_timeout = stuck_timeout
         self._on_cut_hook = on_cut
+        self._orchestrator_status = orchestrator_status
         self.started_at = clock.seconds()
         self.clients_cut = 0
 
@@ -107,6 +110,10 @@ class ProxyApp:
             sink.end(False, e)
         try:
             await sink.done
+        except NoEngine as e:
+            if e.retry_after is not None:
+                request.setHeader(b"retry-after", str(e.retry_after).encode())
+            return _json(request, e.as_json(), e.http_status)
         except EngineError as e:
             return _text(request, e.http_status, str(e))
         return None
@@ -119,16 +126,16 @@ class ProxyApp:
         ids = [v for v in request.args.get(b"id", []) if v]
         if not ids:
             sessions = list(self.registry)
-            return _json(
-                request,
-                {
-                    "streams": len(sessions),
-                    "clients": sum(len(s.sinks) for s in sessions),
-                    "version": __version__.public(),
-                    "uptime": round(self._clock.seconds() - self.started_at, 1),
-                    "clients_cut": self.clients_cut,
-                },
-            )
+            doc = {
+                "streams": len(sessions),
+                "clients": sum(len(s.sinks) for s in sessions),
+                "version": __version__.public(),
+                "uptime": round(self._clock.seconds() - self.started_at, 1),
+                "clients_cut": self.clients_cut,
+            }
+            if self._orchestrator_status is not None:
+                doc["orchestrator"] = self._orchestrator_status()
+            return _json(request, doc)
         wanted = ids[0].decode("utf-8", "replace")
         sessions = self.registry.find(wanted)
         if not sessions:
@@ -150,6 +157,8 @@ class ProxyApp:
             "stat_url": info.stat_url if info else None,
             "playback_session_id": info.playback_session_id if info else None,
             "engine": session.engine.address.url if session.engine else None,
+            "container_id": getattr(session.engine, "container_id", None),
+            "orchestrator_stream_id": session.stream_id,
             "bytes_in": session.bytes_in,
             "bytes_out": session.bytes_out,
             "uptime": round(now - session.created_at, 1),

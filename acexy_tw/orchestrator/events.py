@@ -1,0 +1,99 @@
+"""
+stream_started / stream_ended, reported in the background.
+
+One ``stream_started`` per engine session (not per client), sent once the
+engine accepted the session and its playback is open; one ``stream_ended`` per
+session with exactly the ``labels.stream_id`` that was sent. Reports never delay
+or break streaming: they run in the background, a transient failure is retried
+a bounded number of times, and only sessions on orchestrated engines are
+reported (the configured fallback engine is not the orchestrator's).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+
+from acexy_tw.logs import get_logger
+from acexy_tw.orchestrator.client import OrchestratorClient, OrchestratorUnavailable
+
+log = get_logger(__name__)
+
+
+class EventReporter:
+    def __init__(
+        self,
+        orchestrator: OrchestratorClient,
+        clock: IReactorTime,
+        *,
+        attempts: int = 3,
+        retry_delay: float = 1.0,
+    ) -> None:
+        self._orch = orchestrator
+        self._clock = clock
+        self.attempts = attempts
+        self.retry_delay = retry_delay
+        self._started: dict[int, tuple[str, str]] = {}  # id(session) -> (container_id, stream_id)
+        self._pending: set[Deferred] = set()
+        self.sent = {"started": 0, "ended": 0, "failed": 0}
+
+    def started(self, session: Any) -> None:
+        engine, info = session.engine, session.info
+        container_id = getattr(engine, "container_id", None)
+        if container_id is None or info is None or id(session) in self._started:
+            return
+        stream_id = f"{session.key.value}|{info.playback_session_id}"
+        self._started[id(session)] = (container_id, stream_id)
+        session.stream_id = stream_id
+        event = {
+            "container_id": container_id,
+            "engine": {"host": engine.address.host, "port": engine.address.port},
+            "stream": {"key_type": session.key.key_type, "key": session.key.value},
+            "session": {
+                "playback_session_id": info.playback_session_id,
+                "stat_url": info.stat_url,
+                "command_url": info.command_url,
+                "is_live": info.is_live,
+            },
+            "labels": {"stream_id": stream_id},
+        }
+        self._send("started", lambda: self._orch.stream_started(event), stream_id)
+
+    def ended(self, session: Any, reason: str) -> None:
+        entry = self._started.pop(id(session), None)
+        if entry is None:  # never reported started (refused, or not orchestrated)
+            return
+        container_id, stream_id = entry
+        self._send("ended", lambda: self._orch.stream_ended(container_id, stream_id, reason), stream_id)
+
+    def _send(self, what: str, call: Callable[[], Deferred], stream_id: str) -> None:
+        d = Deferred.fromCoroutine(self._with_retries(what, call, stream_id))
+        self._pending.add(d)
+        d.addBoth(lambda r: (self._pending.discard(d), None)[1])
+
+    async def _with_retries(self, what: str, call: Callable[[], Deferred], stream_id: str) -> None:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                await call()
+                self.sent[what] += 1
+                return
+            except OrchestratorUnavailable as e:
+                if attempt == self.attempts:
+                    error = str(e)
+                    break
+                await deferLater(self._clock, self.retry_delay * attempt)
+            except Exception as e:  # a 4xx: retrying will not help
+                error = str(e)
+                break
+        self.sent["failed"] += 1
+        log.warn("stream_{what} for {sid} not reported: {error}", what=what, sid=stream_id, error=error)
+
+    def flush(self) -> Deferred:
+        """Fires when every report in flight is done (for shutdown)."""
+        if not self._pending:
+            return succeed(None)
+        return DeferredList(list(self._pending), consumeErrors=True).addCallback(lambda _: None)
+

@@ -1,0 +1,344 @@
+"""
+Placement: where a new engine session runs, and its start there.
+
+``Placement`` is the callable an :class:`EngineSession` awaits; it returns
+``(engine client, PlaybackInfo)`` — the engine has *accepted* the session.
+
+- No orchestrator: the configured engine.
+- Orchestrator: ``GET /engines``, ranked by :func:`selection.rank` counting our
+  own sessions the orchestrator does not list yet (reservations are made
+  synchronously right after ranking, so concurrent placements never double-book
+  an engine); an engine that refuses getstream → the next one; a content error
+  (the engine's JSON ``error``) is final — another engine would say the same.
+- None has room → provisioning (see :meth:`_provision`): consult the health
+  snapshot first and never POST while it says blocked; retry only temporary
+  refusals, waiting ETA/2 then ETA (at least 1 s; ETA ≤ 0 → the outage poll
+  interval) or 1, 2, 4, 8 s without an ETA; at most ``attempts`` POSTs; after a
+  provisioning timeout look in ``/engines`` for the engine we may have started
+  before posting again. Then poll the new engine until it answers — no fixed
+  sleep — and connect to the host/port ``/engines`` lists.
+- The orchestrator unreachable (refused, timeout, 5xx) → the configured engine,
+  logged once per outage.
+
+Refusals that reach the player are :class:`NoEngine` errors carrying the HTTP
+status, a code and a Retry-After.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+
+from acexy_tw.content import ContentKey
+from acexy_tw.engine import ContentError, EngineClient, EngineError, PlaybackInfo
+from acexy_tw.logs import get_logger
+from acexy_tw.orchestrator.client import (
+    OrchestratedEngine,
+    OrchestratorClient,
+    OrchestratorError,
+    OrchestratorUnavailable,
+    ProvisionBlocked,
+    ProvisionFailed,
+    ProvisionTimeout,
+)
+from acexy_tw.orchestrator.health import HealthMonitor
+from acexy_tw.orchestrator.selection import rank
+
+log = get_logger(__name__)
+
+#: what players are told, per orchestrator code (acexy-orchestrator's wording)
+MESSAGES = {
+    "vpn_disconnected": "Service temporarily unavailable: VPN connection is being restored",
+    "vpn_error": "Service temporarily unavailable: VPN connection is being restored",
+    "circuit_breaker": "Service temporarily unavailable: System is recovering from errors",
+    "max_capacity": "Service at capacity: please try again in a moment",
+}
+
+
+class NoEngine(EngineError):
+    """No engine could be had for a new session: 503 (temporary) or 502."""
+
+    def __init__(self, message: str, *, code: str, http_status: int = 503, retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+    def as_json(self) -> dict:
+        return {"error": str(self), "code": self.code, "retry_after": self.retry_after}
+
+
+@dataclass
+class Reservation:
+    """One of our sessions (or placements in flight) on an orchestrated engine."""
+
+    container_id: str
+    stream_id: Optional[str] = None  # known once the engine accepted: "<key>|<playback_session_id>"
+
+
+def stream_id_for(key: ContentKey, info: PlaybackInfo) -> str:
+    return f"{key.value}|{info.playback_session_id}"
+
+
+class Placement:
+    def __init__(
+        self,
+        *,
+        fallback: EngineClient,
+        make_engine: Callable[[str, int, Optional[str]], EngineClient],
+        clock: IReactorTime,
+        orchestrator: Optional[OrchestratorClient] = None,
+        monitor: Optional[HealthMonitor] = None,
+        max_streams: int = 1,
+        health_interval: float = 30.0,
+        outage_poll_interval: float = 10.0,
+        engine_ready_timeout: float = 30.0,
+        ready_poll: float = 0.25,
+        attempts: int = 3,
+    ) -> None:
+        self.fallback = fallback
+        self._make_engine = make_engine
+        self._clock = clock
+        self.orchestrator = orchestrator
+        self.monitor = monitor
+        self.max_streams = max_streams
+        self.health_interval = health_interval
+        self.outage_poll_interval = outage_poll_interval
+        self.engine_ready_timeout = engine_ready_timeout
+        self.ready_poll = ready_poll
+        self.attempts = attempts
+        self.reservations: dict[ContentKey, Reservation] = {}
+        self.in_outage = False
+        self.fallbacks = 0
+        self.provision_attempts: dict[str, int] = {}
+        self._engines: dict[tuple[str, int], EngineClient] = {}
+
+    # -- the Placement callable --------------------------------------------------
+
+    def __call__(self, key: ContentKey) -> Deferred:
+        return Deferred.fromCoroutine(self.place(key))
+
+    async def place(self, key: ContentKey) -> tuple[EngineClient, PlaybackInfo]:
+        if self.orchestrator is None:
+            return self.fallback, await self.fallback.start(key)
+        try:
+            engines = await self.orchestrator.engines()
+        except OrchestratorUnavailable as e:
+            return await self._fall_back(key, e)
+        self._reachable()
+        tried: set[str] = set()
+        while True:
+            extra = self._extra_load(engines)
+            candidates = [
+                e for e in rank(engines, max_streams=self.max_streams, extra_load=extra)
+                if e.container_id not in tried
+            ]
+            if not candidates:
+                break
+            engine = candidates[0]
+            tried.add(engine.container_id)
+            started = await self._start_on(key, engine)
+            if started is not None:
+                return started
+        engine = await self._provision(key, engines)
+        if engine is None:  # the orchestrator went away meanwhile
+            return await self._fall_back(key, OrchestratorUnavailable("no status"))
+        started = await self._start_on(key, engine, last=True)
+        assert started is not None
+        return started
+
+    def release(self, key: ContentKey) -> None:
+        """The session for ``key`` ended: its engine slot is free again."""
+        self.reservations.pop(key, None)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _extra_load(self, engines: list[OrchestratedEngine]) -> dict[str, int]:
+        """Our sessions each engine does not list yet (in flight or unreported)."""
+        listed = {e.container_id: set(e.streams) for e in engines}
+        extra: dict[str, int] = {}
+        for r in self.reservations.values():
+            if r.stream_id is None or r.stream_id not in listed.get(r.container_id, ()):
+                extra[r.container_id] = extra.get(r.container_id, 0) + 1
+        return extra
+
+    def engine_for(self, engine: OrchestratedEngine) -> EngineClient:
+        where = (engine.host, engine.port)
+        client = self._engines.get(where)
+        if client is None or client.container_id != engine.container_id:
+            client = self._make_engine(engine.host, engine.port, engine.container_id)
+            self._engines[where] = client
+        return client
+
+    async def _start_on(
+        self, key: ContentKey, engine: OrchestratedEngine, last: bool = False
+    ) -> Optional[tuple[EngineClient, PlaybackInfo]]:
+        """Start on ``engine`` (reserved first); None if it refused and others may not."""
+        reservation = Reservation(engine.container_id)
+        self.reservations[key] = reservation  # before any await: concurrent placements see it
+        client = self.engine_for(engine)
+        try:
+            info = await client.start(key)
+        except ContentError:
+            self.release(key)
+            raise
+        except EngineError as e:
+            self.release(key)
+            if last:
+                raise
+            log.warn(
+                "engine {name} refused {key} ({error}); trying the next",
+                name=engine.container_name or engine.container_id[:12],
+                key=str(key),
+                error=str(e),
+            )
+            return None
+        except BaseException:
+            self.release(key)
+            raise
+        reservation.stream_id = stream_id_for(key, info)
+        return client, info
+
+    async def _fall_back(self, key: ContentKey, error: Exception) -> tuple[EngineClient, PlaybackInfo]:
+        if not self.in_outage:
+            log.warn(
+                "orchestrator unreachable ({error}): using the configured engine {url} until it answers",
+                error=str(error),
+                url=self.fallback.address.url,
+            )
+            self.in_outage = True
+        self.fallbacks += 1
+        return self.fallback, await self.fallback.start(key)
+
+    def _reachable(self) -> None:
+        if self.in_outage:
+            log.info("orchestrator answers again: placement through it resumes")
+            self.in_outage = False
+
+    def _no_engine(self, code: str, eta: Optional[int], message: Optional[str] = None) -> NoEngine:
+        if code in MESSAGES:
+            retry = eta if eta is not None and eta > 0 else int(round(self.outage_poll_interval))
+            return NoEngine(MESSAGES[code], code=code, http_status=503, retry_after=max(1, retry))
+        return NoEngine(message or "the orchestrator could not provide an engine", code=code, http_status=502)
+
+    def _wait_for(self, refusal: ProvisionBlocked, attempt: int) -> float:
+        eta = refusal.recovery_eta_seconds
+        if eta is None:
+            return float(min(2 ** (attempt - 1), 8))
+        if eta <= 0:
+            return self.outage_poll_interval
+        return max(1.0, eta / 2 if attempt == 1 else float(eta))
+
+    async def _provision(self, key: ContentKey, known: list[OrchestratedEngine]) -> Optional[OrchestratedEngine]:
+        assert self.orchestrator is not None
+        snapshot = None
+        if self.monitor is not None:
+            snapshot = await self.monitor.fresh(self.health_interval)
+            if snapshot is None:
+                return None
+            if not snapshot.can_provision:
+                blocked = snapshot.blocked
+                code = getattr(blocked, "code", None) or ("vpn_disconnected" if snapshot.vpn_down else "max_capacity")
+                eta = getattr(blocked, "recovery_eta_seconds", None)
+                log.info("not provisioning for {key}: orchestrator blocked ({code})", key=str(key), code=code)
+                raise self._no_engine(code, eta, getattr(blocked, "message", None))
+        seen = {e.container_id for e in known}
+        container_id: Optional[str] = None
+        for attempt in range(1, self.attempts + 1):
+            self._count("attempt")
+            try:
+                provisioned = await self.orchestrator.provision()
+                container_id = provisioned.container_id
+                self._count("ok")
+                break
+            except ProvisionTimeout:
+                self._count("timeout")
+                # It may have started a container: look before posting again.
+                found = await self._new_engine(seen)
+                if found is not None:
+                    container_id = found
+                    break
+                if attempt == self.attempts:
+                    raise NoEngine("provisioning an engine timed out", code="provision_timeout", retry_after=int(self.outage_poll_interval))
+            except ProvisionBlocked as refusal:
+                self._count("blocked")
+                retryable = refusal.should_wait or refusal.can_retry
+                if not retryable or attempt == self.attempts:
+                    raise self._no_engine(refusal.code, refusal.recovery_eta_seconds, refusal.message) from None
+                wait = self._wait_for(refusal, attempt)
+                log.info(
+                    "provisioning refused ({code}); retrying in {wait:g}s (attempt {n} of {of})",
+                    code=refusal.code,
+                    wait=wait,
+                    n=attempt + 1,
+                    of=self.attempts,
+                )
+                await deferLater(self._clock, wait)
+            except ProvisionFailed as failure:
+                self._count("failed")
+                raise self._no_engine(failure.code or "general_error", None, failure.message) from None
+            except OrchestratorUnavailable:
+                return None
+        assert container_id is not None
+        return await self._wait_ready(container_id)
+
+    def _count(self, result: str) -> None:
+        self.provision_attempts[result] = self.provision_attempts.get(result, 0) + 1
+
+    async def _new_engine(self, seen: set[str]) -> Optional[str]:
+        assert self.orchestrator is not None
+        try:
+            engines = await self.orchestrator.engines()
+        except OrchestratorError:
+            return None
+        reserved = {r.container_id for r in self.reservations.values()}
+        for e in engines:
+            if e.container_id not in seen and e.container_id not in reserved:
+                return e.container_id
+        return None
+
+    async def _wait_ready(self, container_id: str) -> OrchestratedEngine:
+        """Poll ``/engines`` and the engine's get_version until it answers (bounded)."""
+        assert self.orchestrator is not None
+        deadline = self._clock.seconds() + self.engine_ready_timeout
+        while True:
+            remaining = deadline - self._clock.seconds()
+            if remaining <= 0:
+                raise NoEngine(
+                    f"the new engine did not answer within {self.engine_ready_timeout:g}s",
+                    code="engine_not_ready",
+                    retry_after=int(self.outage_poll_interval),
+                )
+            try:
+                engines = await self.orchestrator.engines()
+            except OrchestratorError:
+                engines = []
+            for engine in engines:
+                if engine.container_id == container_id:
+                    try:
+                        await self.engine_for(engine).version(timeout=min(2.0, max(remaining, 0.1)))
+                    except EngineError:
+                        break
+                    log.info(
+                        "provisioned engine {name} ready at {host}:{port}",
+                        name=engine.container_name or container_id[:12],
+                        host=engine.host,
+                        port=engine.port,
+                    )
+                    return engine
+            await deferLater(self._clock, self.ready_poll)
+
+    # -- status ----------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "fallback_engine": self.fallback.address.url,
+            "in_outage": self.in_outage,
+            "fallbacks": self.fallbacks,
+            "provision_attempts": dict(self.provision_attempts),
+            "reservations": len(self.reservations),
+        }
