@@ -126,14 +126,21 @@ class AcexyService(MultiService):
             timeout=config.no_response_timeout,
             stop_timeout=min(config.no_response_timeout, STOP_BUDGET),
         )
+        self.sim: Any = None
+        demo_orchestrator = config.demo and not config.orch_url
+        if config.demo:
+            from acexy_tw.sim.service import SimEngineService
+
+            self.sim = SimEngineService(reactor, orchestrator=demo_orchestrator)
+            self.sim.setServiceParent(self)
         self.orchestrator: Optional[OrchestratorClient] = None
         self.monitor: Optional[HealthMonitor] = None
         self.events: Optional[EventReporter] = None
-        if config.orch_url:
+        if config.orch_url or demo_orchestrator:
             self.orchestrator = OrchestratorClient(
                 self.http,
-                config.orch_url,
-                config.orch_apikey,
+                config.orch_url or "http://127.0.0.1",  # demo: the real port is set at start
+                config.orch_apikey if config.orch_url else self.sim.api_key,
                 reactor,
                 timeout=config.no_response_timeout,
                 provision_timeout=config.provision_timeout,
@@ -174,12 +181,6 @@ class AcexyService(MultiService):
             orchestrator_status=self._orchestrator_status if self.orchestrator else None,
         )
         self.site = QuietSite(self.web.resource(), reactor=reactor)
-        self.sim: Any = None
-        if config.demo:
-            from acexy_tw.sim.service import SimEngineService
-
-            self.sim = SimEngineService(reactor)
-            self.sim.setServiceParent(self)
         try:
             endpoint = serverFromString(reactor, config.listen)
         except (ValueError, KeyError, TypeError) as e:
@@ -208,7 +209,7 @@ class AcexyService(MultiService):
         snap = self.monitor.snapshot
         age = self.monitor.age()
         doc: dict[str, Any] = {
-            "url": self.config.orch_url,
+            "url": self.orchestrator.base_url if self.orchestrator else None,
             "reachable": self.monitor.reachable,
             "last_error": self.monitor.last_error,
             "snapshot_age": None if age is None else round(age, 1),
@@ -238,13 +239,15 @@ class AcexyService(MultiService):
         if self.sim is not None:
             self.sim.startService()  # listen first: the engine address depends on it
             self.engine.address = EngineAddress("http", "127.0.0.1", self.sim.port_number)
+            if self.sim.orchestrator is not None and self.orchestrator is not None:
+                self.orchestrator.base_url = self.sim.orchestrator.url
         for child in self:
             if child is not self.sim:
                 child.startService()
         if self.orchestrator is not None:
             log.info(
                 "orchestrator {url}: placing new streams through it (fallback engine {engine})",
-                url=self.config.orch_url,
+                url=self.orchestrator.base_url,
                 engine=self.engine.address.url,
             )
         Service.startService(self)

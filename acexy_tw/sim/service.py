@@ -1,23 +1,44 @@
-"""The simulated engine as a child service, for ``twistd -n acexy --demo``."""
+"""The simulators as a child service, for ``twistd -n acexy --demo``."""
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 
 from acexy_tw.sim.engine import SimEngine
 
-#: what the demo engine streams: a small picture and silent audio at a TV-ish rate
+#: what the demo engines stream: a small picture and silent audio at a TV-ish rate
 DEMO_BITRATE = 4_000_000
 
 
 class SimEngineService(Service):
-    """Runs a :class:`SimEngine` on 127.0.0.1 (a free port) while the service runs."""
+    """
+    Runs on 127.0.0.1 (free ports) while the service runs:
 
-    def __init__(self, reactor: Any, *, bitrate: Optional[int] = DEMO_BITRATE) -> None:
+    - a :class:`SimEngine`, the proxy's configured (fallback) engine;
+    - unless the user configured a real orchestrator, a simulated
+      acestream-orchestrator with one warm engine, provisioning more on demand
+      (after a short, realistic start-up) — so the demo shows the whole system.
+    """
+
+    def __init__(self, reactor: Any, *, bitrate: Optional[int] = DEMO_BITRATE, orchestrator: bool = False) -> None:
         self.engine = SimEngine(reactor, bitrate=bitrate)
+        self.orchestrator: Any = None
+        #: a fresh key per run, so the demo exercises the authenticated calls
+        self.api_key = secrets.token_hex(16)
+        if orchestrator:
+            from acexy_tw.sim.orchestrator import SimOrchestrator
+
+            self.orchestrator = SimOrchestrator(
+                reactor,
+                api_key=self.api_key,
+                engine_bitrate=bitrate,
+                provision_delay=0.5,
+                engine_ready_delay=1.0,
+            )
 
     @property
     def port_number(self) -> int:
@@ -26,7 +47,13 @@ class SimEngineService(Service):
     def startService(self) -> None:
         super().startService()
         self.engine.listen(0, "127.0.0.1")  # synchronous: the port is known on return
+        if self.orchestrator is not None:
+            self.orchestrator.listen(0, "127.0.0.1")
+            self.orchestrator.add_engine()
 
     def stopService(self) -> Deferred:
         super().stopService()
-        return self.engine.shutdown()
+        stops = [self.engine.shutdown()]
+        if self.orchestrator is not None:
+            stops.append(self.orchestrator.shutdown())
+        return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)

@@ -58,7 +58,7 @@ class ServiceTests(SynchronousTestCase):
 
     def test_demo_adds_the_simulated_engine(self) -> None:
         svc = makeService(parse("--demo", "--listen", "tcp:0"), reactor=MemoryReactorClock())
-        self.assertEqual(list(svc), [svc.sim, svc.listener])
+        self.assertEqual(list(svc), [svc.sim, svc.monitor, svc.listener])  # demo: engine + orchestrator
 
     def test_bad_strports_description_exits_naming_the_variable(self) -> None:
         e = self.assertRaises(ConfigExit, makeService, parse("--listen", "tcp:notaport"), MemoryReactorClock())
