@@ -393,6 +393,8 @@ class _OrchestratorResource(Resource):
 
     def _status(self, request: Request) -> None:
         self._orch.status_calls += 1
+        if self._orch.status_hang:
+            return  # never answered (the connection is reset by down()/shutdown())
         _send_json(request, self._orch.status_document())
 
     def _engines(self, request: Request) -> None:
@@ -586,6 +588,8 @@ class SimOrchestrator:
         self.legacy_errors = False
         #: ``GET /engines`` answers 500
         self._engines_fail = False
+        #: ``GET /orchestrator/status`` never answers (a hung orchestrator)
+        self.status_hang = False
         self.vpn_enabled = True
         self.vpn_connected = True
         self.vpn_erroring = False

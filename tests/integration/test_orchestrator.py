@@ -200,3 +200,62 @@ class SecretTests(TestCase):
         self.assertEqual(o["circuit_breaker"], "open")
         self.assertIn("capacity", o)
         self.assertIsNotNone(o["snapshot_age"])
+
+
+class HealthTests(TestCase):
+    async def test_monitor_polls_at_the_configured_intervals_and_survives_a_hung_status(self) -> None:
+        orch = sim_orchestrator(self)
+        orch.add_engine()
+        proxy, _ = await proxy_with(self, orch, health_interval="300ms", outage_poll_interval="100ms",
+                                    no_response_timeout="200ms")
+        monitor = proxy.service.monitor
+        start, calls = reactor.seconds(), orch.status_calls
+        await within(orch.when(lambda o: o.status_calls >= calls + 3))
+        per_poll = (reactor.seconds() - start) / 3
+        self.assertGreater(per_poll, 0.25)  # the normal interval, not faster
+        orch.status_hang = True  # a hung status call: each tick is bounded by the timeout
+        await wait_until(lambda: monitor.reachable is False, "the hung poll to time out")
+        self.assertEqual(monitor.current_interval, 0.1)  # outage polling while unreachable
+        hung_calls = orch.status_calls
+        await within(orch.when(lambda o: o.status_calls >= hung_calls + 2))  # the loop lives on
+        orch.status_hang = False
+        await wait_until(lambda: monitor.reachable is True, "the monitor to recover")
+        self.assertEqual(monitor.current_interval, 0.3)
+
+
+class RefusalTests(TestCase):
+    async def test_open_breaker_is_a_503_with_its_eta(self) -> None:
+        orch = sim_orchestrator(self)
+        orch.open_breaker(eta=120)
+        proxy, _ = await proxy_with(self, orch)
+        player = await Player.open(self, proxy.stream_url(cid(1)))
+        self.assertEqual(player.code, 503)
+        retry = int(player.response.headers.getRawHeaders(b"retry-after")[0])
+        self.assertTrue(110 <= retry <= 120, retry)
+        await player.when_ended()
+        self.assertIn("System is recovering from errors", bytes(player.received).decode())
+        self.assertEqual(orch.provision_calls, [])
+
+    async def test_at_capacity_is_a_503_capacity(self) -> None:
+        orch = sim_orchestrator(self, max_replicas=1)
+        orch.add_engine()
+        proxy, _ = await proxy_with(self, orch)
+        busy = await Player.open(self, proxy.stream_url(cid(1)))
+        await busy.when_received(PACKET_SIZE)
+        await proxy.service.monitor.fresh(0)  # the snapshot now says at capacity
+        player = await Player.open(self, proxy.stream_url(cid(2)))
+        self.assertEqual(player.code, 503)
+        await player.when_ended()
+        self.assertIn("Service at capacity", bytes(player.received).decode())
+        self.assertEqual(orch.provision_calls, [])
+
+    async def test_status_names_each_streams_engine(self) -> None:
+        orch = sim_orchestrator(self)
+        handle = orch.add_engine()
+        proxy, _ = await proxy_with(self, orch)
+        p = await Player.open(self, proxy.stream_url(cid(3)))
+        await p.when_received(PACKET_SIZE)
+        code, doc = await get_json(self, proxy.url(f"/ace/status?id={cid(3)}"))
+        self.assertEqual(code, 200)
+        self.assertEqual(doc["container_id"], handle.container_id)
+        self.assertEqual(doc["engine"], f"http://127.0.0.1:{handle.port}")
