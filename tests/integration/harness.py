@@ -254,3 +254,19 @@ def wait_until(
         return f
 
     return within(d, seconds).addErrback(cancel_on_timeout)
+
+
+async def read_engine_directly(test: Any, engine: SimEngine, content_id: str) -> bytes:
+    """
+    Start a session on the simulator without the proxy and read its playback
+    to the end (use with ``eof_after``): what the engine sends, for comparing.
+    """
+    from urllib.parse import urlsplit
+
+    code, doc = await get_json(test, f"{engine.url}/ace/getstream?format=json&id={content_id}")
+    if code != 200 or not isinstance(doc, dict) or doc.get("error"):
+        raise AssertionError(f"direct getstream failed: {code} {doc!r}")
+    path = urlsplit(doc["response"]["playback_url"]).path
+    reader = await Player.open(test, engine.url + path)
+    await reader.when_ended()
+    return bytes(reader.received)
