@@ -410,6 +410,27 @@ def parse_streams_per_engine(text: str) -> int:
     return int(text)
 
 
+def parse_wait_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in ("hold", "reject"):
+        raise ValueError("must be hold (keep players waiting with keepalive packets) or reject (503 at once)")
+    return mode
+
+
+def parse_queue_size(text: str) -> int:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > 100000:
+        raise ValueError("must be a whole number from 0 to 100000")
+    return int(text)
+
+
+def parse_failover_attempts(text: str) -> int:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > 20:
+        raise ValueError("must be a whole number from 0 (no failover) to 20")
+    return int(text)
+
+
 def optional(parser: Callable[[str], T]) -> Callable[[str], Optional[T]]:
     """
     Wrap ``parser`` so an empty (or blank) text means "not set": ``None``.
@@ -603,6 +624,52 @@ SETTINGS: tuple[Setting, ...] = (
         parser=parse_positive_duration,
         help="How long a newly provisioned engine may take to answer",
     ),
+    # -- outages: holding players instead of failing them ------------------------
+    Setting(
+        field="max_wait",
+        env="ACEXY_MAX_WAIT",
+        aliases=(),
+        option="max-wait",
+        default="120s",
+        parser=parse_positive_duration,
+        help="Longest a player is held (keepalive packets) waiting for an engine",
+    ),
+    Setting(
+        field="keepalive_interval",
+        env="ACEXY_KEEPALIVE_INTERVAL",
+        aliases=(),
+        option="keepalive-interval",
+        default="1s",
+        parser=parse_positive_duration,
+        help="How often a held player gets null TS packets",
+    ),
+    Setting(
+        field="queue_size",
+        env="ACEXY_QUEUE_SIZE",
+        aliases=(),
+        option="queue-size",
+        default="32",
+        parser=parse_queue_size,
+        help="Players held at once (beyond it: 503 with Retry-After)",
+    ),
+    Setting(
+        field="wait_mode",
+        env="ACEXY_WAIT_MODE",
+        aliases=(),
+        option="wait-mode",
+        default="hold",
+        parser=parse_wait_mode,
+        help="hold: keep players waiting through breaker/capacity waits; reject: 503 at once and pre-warm",
+    ),
+    Setting(
+        field="failover_attempts",
+        env="ACEXY_FAILOVER_ATTEMPTS",
+        aliases=(),
+        option="failover-attempts",
+        default="3",
+        parser=parse_failover_attempts,
+        help="Engine placements tried when a live stream's engine dies mid-stream (0: none)",
+    ),
 )
 
 
@@ -626,6 +693,11 @@ class Config:
     outage_poll_interval: float = 10.0
     provision_timeout: float = 60.0
     engine_ready_timeout: float = 30.0
+    max_wait: float = 120.0
+    keepalive_interval: float = 1.0
+    queue_size: int = 32
+    wait_mode: str = "hold"
+    failover_attempts: int = 3
     demo: bool = False  # set by --demo, not from the environment
 
     @property

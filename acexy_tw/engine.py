@@ -46,6 +46,20 @@ class EngineTimeout(EngineError):
     http_status = 504
 
 
+class NoEngine(EngineError):
+    """No engine could be had for a new session (placement's answer): 503 with
+    a code and Retry-After when it is temporary, 502 when it is not."""
+
+    def __init__(self, message: str, *, code: str, http_status: int = 503, retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+    def as_json(self) -> dict:
+        return {"error": str(self), "code": self.code, "retry_after": self.retry_after}
+
+
 @dataclass(frozen=True)
 class EngineAddress:
     """Where we reach an engine: what we rewrite its self-reported URLs to."""

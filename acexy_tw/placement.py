@@ -34,7 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from acexy_tw.content import ContentKey
-from acexy_tw.engine import ContentError, EngineClient, EngineError, PlaybackInfo
+from acexy_tw.engine import ContentError, EngineClient, EngineError, NoEngine, PlaybackInfo
 from acexy_tw.logs import get_logger
 from acexy_tw.orchestrator.client import (
     OrchestratedEngine,
@@ -56,20 +56,8 @@ MESSAGES = {
     "vpn_error": "Service temporarily unavailable: VPN connection is being restored",
     "circuit_breaker": "Service temporarily unavailable: System is recovering from errors",
     "max_capacity": "Service at capacity: please try again in a moment",
+    "unavailable": "Service temporarily unavailable: no engine is running",
 }
-
-
-class NoEngine(EngineError):
-    """No engine could be had for a new session: 503 (temporary) or 502."""
-
-    def __init__(self, message: str, *, code: str, http_status: int = 503, retry_after: Optional[int] = None):
-        super().__init__(message)
-        self.code = code
-        self.http_status = http_status
-        self.retry_after = retry_after
-
-    def as_json(self) -> dict:
-        return {"error": str(self), "code": self.code, "retry_after": self.retry_after}
 
 
 @dataclass
@@ -117,12 +105,21 @@ class Placement:
         self.provision_attempts: dict[str, int] = {}
         self._engines: dict[tuple[str, int], EngineClient] = {}
 
-    # -- the Placement callable --------------------------------------------------
+    # -- placing -----------------------------------------------------------------
 
-    def __call__(self, key: ContentKey) -> Deferred:
-        return Deferred.fromCoroutine(self.place(key))
-
-    async def place(self, key: ContentKey) -> tuple[EngineClient, PlaybackInfo]:
+    async def place(
+        self,
+        key: ContentKey,
+        *,
+        avoid: frozenset = frozenset(),
+        on_wait: Optional[Callable[[NoEngine], None]] = None,
+    ) -> tuple[EngineClient, PlaybackInfo]:
+        """
+        An engine that accepted a session for ``key``. ``avoid``: container ids
+        not to use (a failover's dead engine). ``on_wait`` is told when
+        provisioning backs off before a retry (the session keeps its players
+        alive meanwhile).
+        """
         if self.orchestrator is None:
             return self.fallback, await self.fallback.start(key)
         try:
@@ -135,7 +132,7 @@ class Placement:
             extra = self._extra_load(engines)
             candidates = [
                 e for e in rank(engines, max_streams=self.max_streams, extra_load=extra)
-                if e.container_id not in tried
+                if e.container_id not in tried and e.container_id not in avoid
             ]
             if not candidates:
                 break
@@ -144,7 +141,7 @@ class Placement:
             started = await self._start_on(key, engine)
             if started is not None:
                 return started
-        engine = await self._provision(key, engines)
+        engine = await self._provision(key, engines, on_wait)
         if engine is None:  # the orchestrator went away meanwhile
             return await self._fall_back(key, OrchestratorUnavailable("no status"))
         started = await self._start_on(key, engine, last=True)
@@ -233,7 +230,12 @@ class Placement:
             return self.outage_poll_interval
         return max(1.0, eta / 2 if attempt == 1 else float(eta))
 
-    async def _provision(self, key: ContentKey, known: list[OrchestratedEngine]) -> Optional[OrchestratedEngine]:
+    async def _provision(
+        self,
+        key: ContentKey,
+        known: list[OrchestratedEngine],
+        on_wait: Optional[Callable[[NoEngine], None]] = None,
+    ) -> Optional[OrchestratedEngine]:
         assert self.orchestrator is not None
         snapshot = None
         if self.monitor is not None:
@@ -242,7 +244,14 @@ class Placement:
                 return None
             if not snapshot.can_provision:
                 blocked = snapshot.blocked
-                code = getattr(blocked, "code", None) or ("vpn_disconnected" if snapshot.vpn_down else "max_capacity")
+                code = getattr(blocked, "code", None)
+                if code is None:
+                    if snapshot.vpn_down:
+                        code = "vpn_disconnected"
+                    elif snapshot.status == "unavailable":
+                        code = "unavailable"
+                    else:
+                        code = "max_capacity"
                 eta = getattr(blocked, "recovery_eta_seconds", None)
                 log.info("not provisioning for {key}: orchestrator blocked ({code})", key=str(key), code=code)
                 raise self._no_engine(code, eta, getattr(blocked, "message", None))
@@ -270,6 +279,8 @@ class Placement:
                 if not retryable or attempt == self.attempts:
                     raise self._no_engine(refusal.code, refusal.recovery_eta_seconds, refusal.message) from None
                 wait = self._wait_for(refusal, attempt)
+                if on_wait is not None:
+                    on_wait(self._no_engine(refusal.code, refusal.recovery_eta_seconds, refusal.message))
                 log.info(
                     "provisioning refused ({code}); retrying in {wait:g}s (attempt {n} of {of})",
                     code=refusal.code,

@@ -34,6 +34,7 @@ from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.placement import Placement
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.session import EngineSession
+from acexy_tw.streaming.waiting import WaitQueue
 from acexy_tw.web.app import ProxyApp
 
 log = get_logger(__name__)
@@ -151,6 +152,7 @@ class AcexyService(MultiService):
                 interval=config.health_interval,
                 outage_interval=config.outage_poll_interval,
                 timeout=config.no_response_timeout,
+                on_change=lambda _: self.waits.kick(),  # capacity may be back
             )
             self.monitor.setServiceParent(self)
             self.events = EventReporter(self.orchestrator, reactor)
@@ -165,6 +167,13 @@ class AcexyService(MultiService):
             outage_poll_interval=config.outage_poll_interval,
             engine_ready_timeout=config.engine_ready_timeout,
         )
+        self.waits = WaitQueue(
+            reactor,
+            size=config.queue_size,
+            max_wait=config.max_wait,
+            keepalive_interval=config.keepalive_interval,
+            mode=config.wait_mode,
+        )
         self.registry = SessionRegistry(
             self.placement,
             reactor,
@@ -172,13 +181,18 @@ class AcexyService(MultiService):
             linger=config.linger,
             on_session_closed=self._session_closed,
             on_session_streaming=self.events.started if self.events else None,
+            on_engine_lost=self._engine_lost,
+            waits=self.waits,
+            failover_attempts=config.failover_attempts,
         )
+        self.waits.prewarm = self.registry.prewarm
         self.web = ProxyApp(
             self.registry,
             reactor,
             buffer_size=config.buffer_size,
             stuck_timeout=config.empty_timeout,
             orchestrator_status=self._orchestrator_status if self.orchestrator else None,
+            waits=self.waits,
         )
         self.site = QuietSite(self.web.resource(), reactor=reactor)
         try:
@@ -200,6 +214,12 @@ class AcexyService(MultiService):
 
     def _session_closed(self, session: EngineSession, reason: str) -> None:
         self.placement.release(session.key)
+        if self.events is not None:
+            self.events.ended(session, reason)
+        self.waits.kick()  # a slot may have freed for a held player
+
+    def _engine_lost(self, session: EngineSession, reason: str) -> None:
+        """Failover: the old engine session is over (reported); a new one follows."""
         if self.events is not None:
             self.events.ended(session, reason)
 

@@ -17,24 +17,43 @@ from twisted.internet.interfaces import IReactorTime
 from acexy_tw.logs import get_logger
 
 from acexy_tw.content import ContentKey
-from acexy_tw.streaming.session import EngineSession, Placement, ShuttingDown
+from acexy_tw.engine import NoEngine
+from acexy_tw.streaming.session import EngineSession, PlacementLike, ShuttingDown
 from acexy_tw.streaming.sink import ClientSink
+from acexy_tw.streaming.waiting import WaitQueue
 
 log = get_logger(__name__)
+
+
+class QueueFull(NoEngine):
+    """The wait queue has no room for another held player (503)."""
+
+    def __init__(self, hold_error: Optional[BaseException]) -> None:
+        super().__init__(
+            "Service temporarily unavailable: too many players waiting",
+            code=getattr(hold_error, "code", None) or "queue_full",
+            retry_after=getattr(hold_error, "retry_after", None),
+        )
 
 
 class SessionRegistry:
     def __init__(
         self,
-        place: Placement,
+        placement: PlacementLike,
         clock: IReactorTime,
         *,
         empty_timeout: float,
         linger: float,
         on_session_closed: Optional[Callable[[EngineSession, str], None]] = None,
         on_session_streaming: Optional[Callable[[EngineSession], None]] = None,
+        on_engine_lost: Optional[Callable[[EngineSession, str], None]] = None,
+        waits: Optional[WaitQueue] = None,
+        failover_attempts: int = 0,
     ) -> None:
-        self._place = place
+        self._placement = placement
+        self.waits = waits
+        self._on_engine_lost = on_engine_lost
+        self._failover_attempts = failover_attempts
         self._clock = clock
         self._empty_timeout = empty_timeout
         self._linger = linger
@@ -68,20 +87,43 @@ class SessionRegistry:
         if not self.accepting:
             raise ShuttingDown("proxy is shutting down")
         session = self._sessions.get(key)
+        if session is not None and session.state == EngineSession.HELD and self.waits is not None:
+            if not self.waits.has_room():
+                raise QueueFull(session.hold_error)
         if session is None:
-            session = EngineSession(
-                key,
-                self._place,
-                self._clock,
-                empty_timeout=self._empty_timeout,
-                linger=self._linger,
-                on_closed=self._closed,
-                on_streaming=self._on_session_streaming,
-            )
-            self._sessions[key] = session
-            self.sessions_started += 1
+            session = self._new_session(key)
         session.attach(sink)
         session.start()
+        return session
+
+    def prewarm(self, key: ContentKey) -> Deferred:
+        """Start a session nobody watches yet (reject mode: the player's retry
+        will find it); it ends after linger if unclaimed. Fires True unless it
+        was told to wait again."""
+        if key in self._sessions or not self.accepting:
+            return succeed(True)
+        session = self._new_session(key)
+        log.info("pre-warming {key} for a player told to retry", key=str(key))
+        done: Deferred = Deferred()
+        session.start()
+        session.when_settled(done)
+        return done
+
+    def _new_session(self, key: ContentKey) -> EngineSession:
+        session = EngineSession(
+            key,
+            self._placement,
+            self._clock,
+            empty_timeout=self._empty_timeout,
+            linger=self._linger,
+            on_closed=self._closed,
+            on_streaming=self._on_session_streaming,
+            on_engine_lost=self._on_engine_lost,
+            waits=self.waits,
+            failover_attempts=self._failover_attempts,
+        )
+        self._sessions[key] = session
+        self.sessions_started += 1
         return session
 
     def _closed(self, session: EngineSession, reason: str) -> None:

@@ -19,7 +19,7 @@ from acexy_tw import __version__
 from acexy_tw.content import BadRequest, parse_query
 from acexy_tw.engine import EngineError
 from acexy_tw.logs import get_logger
-from acexy_tw.placement import NoEngine
+from acexy_tw.engine import NoEngine
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.session import EngineSession, ShuttingDown
 from acexy_tw.streaming.sink import ClientSink
@@ -61,6 +61,7 @@ class ProxyApp:
         stuck_timeout: float,
         on_cut: Optional[Callable[[ClientSink, str], None]] = None,
         orchestrator_status: Optional[Callable[[], dict]] = None,
+        waits: Any = None,
     ) -> None:
         self.registry = registry
         self._clock = clock
@@ -68,6 +69,7 @@ class ProxyApp:
         self._stuck_timeout = stuck_timeout
         self._on_cut_hook = on_cut
         self._orchestrator_status = orchestrator_status
+        self._waits = waits
         self.started_at = clock.seconds()
         self.clients_cut = 0
 
@@ -106,7 +108,7 @@ class ProxyApp:
         )
         try:
             self.registry.join(key, sink)
-        except ShuttingDown as e:
+        except (ShuttingDown, NoEngine) as e:  # shutting down, or the wait queue is full
             sink.end(False, e)
         try:
             await sink.done
@@ -135,6 +137,8 @@ class ProxyApp:
             }
             if self._orchestrator_status is not None:
                 doc["orchestrator"] = self._orchestrator_status()
+            if self._waits is not None:
+                doc["held"] = self._waits.describe()
             return _json(request, doc)
         wanted = ids[0].decode("utf-8", "replace")
         sessions = self.registry.find(wanted)
@@ -163,6 +167,9 @@ class ProxyApp:
             "bytes_out": session.bytes_out,
             "uptime": round(now - session.created_at, 1),
             "engine_paused": session.upstream_paused,
+            "waiting_reason": session.waiting_reason,
+            "waiting": None if session.waiting_since is None else round(now - session.waiting_since, 1),
+            "failovers": session.failovers,
             "client_list": [
                 {
                     "peer": s.peer,

@@ -2,6 +2,10 @@
 The proxy with acestream-orchestrator (simulated, real sockets): status before
 provisioning, blocked answers, provisioning and readiness, selection limits,
 events, fallback, and the API key staying secret.
+
+These tests look at placement's *decisions*, so they run with an empty wait
+queue (ACEXY_QUEUE_SIZE=0): a "wait" answer reaches the player as a 503 at
+once. Holding players through outages is tested in test_outages.py.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ async def proxy_with(test: TestCase, orch: SimOrchestrator, **settings: str):
         orch_apikey=KEY,
         health_interval=settings.pop("health_interval", "30s"),
         outage_poll_interval=settings.pop("outage_poll_interval", "1s"),
+        queue_size=settings.pop("queue_size", "0"),
         **settings,
     )
     await wait_until(lambda: proxy.service.monitor.reachable is not None, "the first status poll")

@@ -42,12 +42,14 @@ def stopped_and_closed(e: SimEngine) -> bool:
 
 
 class EngineStreamEndsTests(TestCase):
+    # The engine's end reaches the players here (failover off); with failover on,
+    # a live stream is re-placed instead: see test_outages.py.
     async def test_stall_ends_every_player_cleanly_after_empty_timeout(self) -> None:
         """A silent engine ends every player's stream cleanly and is stopped and hung up."""
         engine = sim_engine(self, bitrate=2_000_000)
         engine.behaviour.json_delay = 0.2  # both players attach before the first byte
         engine.behaviour.stall_after = 300 * PACKET_SIZE
-        proxy = await start_proxy(self, engine, empty_timeout="500ms")
+        proxy = await start_proxy(self, engine, empty_timeout="500ms", failover_attempts="0")
         a, b = await gatherResults([Player.open(self, proxy.stream_url()) for _ in range(2)])
         await gatherResults([a.when_received(300 * PACKET_SIZE), b.when_received(300 * PACKET_SIZE)])
         stalled_at = reactor.seconds()
@@ -64,7 +66,7 @@ class EngineStreamEndsTests(TestCase):
         n = 5000 * PACKET_SIZE
         engine = sim_engine(self, bitrate=None)
         engine.behaviour.eof_after = n
-        proxy = await start_proxy(self, engine)
+        proxy = await start_proxy(self, engine, failover_attempts="0")
         player = await Player.open(self, proxy.stream_url())
         await player.when_ended()
         self.assertTrue(player.clean_end, player.end_reason)
@@ -79,7 +81,7 @@ class EngineStreamEndsTests(TestCase):
         """An engine reset cuts the player (no clean end, so it retries) and the session is stopped."""
         engine = sim_engine(self, bitrate=2_000_000)
         engine.behaviour.reset_after = 200 * PACKET_SIZE
-        proxy = await start_proxy(self, engine)
+        proxy = await start_proxy(self, engine, failover_attempts="0")
         player = await Player.open(self, proxy.stream_url())
         await player.when_ended()
         self.assertGreater(len(player.received), 0)

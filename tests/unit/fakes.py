@@ -110,6 +110,21 @@ class ScriptedEngine:
         return self.responses[-1]
 
 
+class FixedPlacement:
+    """Placement on one engine (as with no orchestrator)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.places: list[tuple[ContentKey, frozenset]] = []
+
+    async def place(self, key: ContentKey, *, avoid: frozenset = frozenset(), on_wait: Any = None) -> Any:
+        self.places.append((key, avoid))
+        return self.engine, await self.engine.start(key)
+
+    def release(self, key: ContentKey) -> None:
+        pass
+
+
 class Proxy:
     """Registry + Klein app + Site on a MemoryReactorClock, with a scripted engine."""
 
@@ -126,11 +141,9 @@ class Proxy:
         self.engine = engine or ScriptedEngine()
         self.closed: list[tuple[Any, str]] = []
 
-        async def place(key: ContentKey) -> Any:
-            return self.engine, await self.engine.start(key)
-
+        self.placement = FixedPlacement(self.engine)
         self.registry = SessionRegistry(
-            place,
+            self.placement,
             self.clock,
             empty_timeout=empty_timeout,
             linger=linger,

@@ -460,6 +460,11 @@ EXPECTED_TABLE = [
     ("outage_poll_interval", "ACEXY_OUTAGE_POLL_INTERVAL", (), "outage-poll-interval", "10s"),
     ("provision_timeout", "ACEXY_PROVISION_TIMEOUT", (), "provision-timeout", "60s"),
     ("engine_ready_timeout", "ACEXY_ENGINE_READY_TIMEOUT", (), "engine-ready-timeout", "30s"),
+    ("max_wait", "ACEXY_MAX_WAIT", (), "max-wait", "120s"),
+    ("keepalive_interval", "ACEXY_KEEPALIVE_INTERVAL", (), "keepalive-interval", "1s"),
+    ("queue_size", "ACEXY_QUEUE_SIZE", (), "queue-size", "32"),
+    ("wait_mode", "ACEXY_WAIT_MODE", (), "wait-mode", "hold"),
+    ("failover_attempts", "ACEXY_FAILOVER_ATTEMPTS", (), "failover-attempts", "3"),
 ]
 
 

@@ -132,7 +132,7 @@ class Harness:
         return e
 
     def place(self, k: ContentKey) -> Deferred:
-        return self.placement(k)
+        return Deferred.fromCoroutine(self.placement.place(k))
 
 
 class SelectionTests(SynchronousTestCase):

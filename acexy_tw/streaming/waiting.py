@@ -1,0 +1,163 @@
+"""
+WaitQueue: players held through outages instead of failed.
+
+When placement answers "wait" (VPN down, circuit breaker open, no capacity),
+the session does not fail its players: :meth:`WaitQueue.admit` decides whether
+it may be *held* — kept connected with null TS packets — and remembers it in
+arrival order. :meth:`kick` is called whenever capacity may have come back
+(the health monitor saw a change, a local session ended): it retries the held
+sessions **one at a time, oldest first**, and stops at the first one that is
+still told to wait, so the queue is served in order and the orchestrator is
+never stormed (each retry costs one ``GET /engines``; no POST is made while the
+snapshot says blocked).
+
+In ``reject`` mode breaker/capacity waits are answered 503 at once, the demand
+is remembered, and :meth:`kick` pre-warms sessions for the oldest demands so
+the players' retries start at once. VPN outages are always held: a player that
+is told 503 every few seconds for minutes gives up; one that sees "buffering"
+does not.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from acexy_tw.content import ContentKey
+from acexy_tw.logs import get_logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from acexy_tw.streaming.session import EngineSession
+
+log = get_logger(__name__)
+
+#: held whatever the mode: the VPN comes back by itself
+ALWAYS_HOLD = frozenset({"vpn_disconnected", "vpn_error", "unavailable"})
+#: held in hold mode, rejected (and pre-warmed later) in reject mode
+QUEUE_CODES = frozenset({"circuit_breaker", "max_capacity"})
+
+
+class WaitQueue:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        size: int,
+        max_wait: float,
+        keepalive_interval: float,
+        mode: str = "hold",
+        prewarm: Optional[Callable[[ContentKey], "Deferred[bool]"]] = None,
+    ) -> None:
+        self._clock = clock
+        self.size = size
+        self.max_wait = max_wait
+        self.keepalive_interval = keepalive_interval
+        self.mode = mode
+        self.prewarm = prewarm
+        self.held: list[EngineSession] = []
+        self.demands: "OrderedDict[ContentKey, float]" = OrderedDict()
+        self.served = 0
+        self._serving = False
+        self._again = False
+
+    # -- policy ----------------------------------------------------------------------
+
+    def holdable(self, code: Optional[str]) -> bool:
+        """May a wait with this code be held at all (before counting room)?"""
+        return code in ALWAYS_HOLD or (self.mode == "hold" and code in QUEUE_CODES)
+
+    @property
+    def held_players(self) -> int:
+        return sum(len(s.sinks) for s in self.held)
+
+    def has_room(self, extra: int = 1) -> bool:
+        return self.held_players + extra <= self.size
+
+    def admit(self, session: "EngineSession", error: Any) -> bool:
+        """Hold ``session`` (its players stay connected) or not (they get ``error``)."""
+        code = getattr(error, "code", None)
+        if session in self.held:
+            return True
+        if not self.holdable(code):
+            if code in QUEUE_CODES and self.mode == "reject":
+                self._remember(session.key)
+            return False
+        eta = getattr(error, "retry_after", None)
+        if code in QUEUE_CODES and eta is not None and eta > self.max_wait:
+            return False  # it will not be over before the player is let go
+        if not self.has_room(extra=len(session.sinks)):
+            log.warn("wait queue full ({n} players held): refusing {key}", n=self.held_players, key=str(session.key))
+            return False
+        self.held.append(session)
+        return True
+
+    def release(self, session: "EngineSession") -> None:
+        if session in self.held:
+            self.held.remove(session)
+
+    def _remember(self, key: ContentKey) -> None:
+        self.demands.pop(key, None)
+        self.demands[key] = self._clock.seconds()
+        while len(self.demands) > max(self.size, 1):
+            self.demands.popitem(last=False)
+
+    # -- serving -----------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Capacity may be back: serve held sessions (then demands) in order."""
+        if not self.held and not self.demands:
+            return
+        if self._serving:
+            self._again = True
+            return
+        Deferred.fromCoroutine(self._serve()).addErrback(lambda f: log.failure("serving the wait queue failed", f))
+
+    async def _serve(self) -> None:
+        self._serving = True
+        try:
+            while True:
+                self._again = False
+                blocked = False
+                for session in list(self.held):
+                    if session not in self.held:
+                        continue
+                    if not await session.retry():
+                        blocked = session in self.held  # still told to wait: the rest wait too
+                        if blocked:
+                            break
+                    else:
+                        self.served += 1
+                if not blocked and self.prewarm is not None:
+                    for key in list(self.demands):
+                        since = self.demands.pop(key)
+                        if not await self.prewarm(key):
+                            self.demands[key] = since  # still told to wait: keep its place
+                            self.demands.move_to_end(key, last=False)
+                            break
+                if not self._again:
+                    return
+        finally:
+            self._serving = False
+
+    # -- status --------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        now = self._clock.seconds()
+        return {
+            "mode": self.mode,
+            "players": self.held_players,
+            "queue_size": self.size,
+            "sessions": [
+                {
+                    "key": str(s.key),
+                    "reason": s.waiting_reason,
+                    "players": len(s.sinks),
+                    "waiting": round(now - s.waiting_since, 1) if s.waiting_since is not None else None,
+                }
+                for s in self.held
+            ],
+            "demands": [{"key": str(k), "since": round(now - t, 1)} for k, t in self.demands.items()],
+        }
