@@ -216,7 +216,8 @@ class AcexyService(MultiService):
         self.placement.release(session.key)
         if self.events is not None:
             self.events.ended(session, reason)
-        self.waits.kick()  # a slot may have freed for a held player
+        if session.streaming_since is not None:
+            self.waits.kick()  # it held an engine: a slot may have freed for a held player
 
     def _engine_lost(self, session: EngineSession, reason: str) -> None:
         """Failover: the old engine session is over (reported); a new one follows."""

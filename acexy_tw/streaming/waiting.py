@@ -79,12 +79,13 @@ class WaitQueue:
     def admit(self, session: "EngineSession", error: Any) -> bool:
         """Hold ``session`` (its players stay connected) or not (they get ``error``)."""
         code = getattr(error, "code", None)
-        if session in self.held:
-            return True
         if not self.holdable(code):
+            self.release(session)  # a held session told "no" for good is let go
             if code in QUEUE_CODES and self.mode == "reject":
                 self._remember(session.key)
             return False
+        if session in self.held:
+            return True
         eta = getattr(error, "retry_after", None)
         if code in QUEUE_CODES and eta is not None and eta > self.max_wait:
             return False  # it will not be over before the player is let go

@@ -22,6 +22,7 @@ from acexy_tw.content import ContentKey
 from acexy_tw.engine import EngineAddress, EngineError, PlaybackInfo
 from acexy_tw.streaming.mpegts import PACKET_SIZE
 from acexy_tw.streaming.registry import SessionRegistry
+from acexy_tw.streaming.waiting import WaitQueue
 from acexy_tw.web.app import ProxyApp
 
 CID = "a" * 40
@@ -125,6 +126,25 @@ class FixedPlacement:
         pass
 
 
+class ScriptedPlacement(FixedPlacement):
+    """Placement whose next answers the test scripts: exceptions to raise, in order;
+    when the script is empty it places on the engine."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.script: list[BaseException] = []
+        self.released: list[ContentKey] = []
+
+    async def place(self, key: ContentKey, *, avoid: frozenset = frozenset(), on_wait: Any = None) -> Any:
+        self.places.append((key, avoid))
+        if self.script:
+            raise self.script.pop(0)
+        return self.engine, await self.engine.start(key)
+
+    def release(self, key: ContentKey) -> None:
+        self.released.append(key)
+
+
 class Proxy:
     """Registry + Klein app + Site on a MemoryReactorClock, with a scripted engine."""
 
@@ -136,23 +156,43 @@ class Proxy:
         empty_timeout: float = 60.0,
         linger: float = 5.0,
         stuck_timeout: float = 60.0,
+        queue_size: Optional[int] = None,
+        wait_mode: str = "hold",
+        max_wait: float = 120.0,
+        keepalive_interval: float = 1.0,
+        failover_attempts: int = 0,
     ) -> None:
         self.clock = MemoryReactorClock()
         self.engine = engine or ScriptedEngine()
         self.closed: list[tuple[Any, str]] = []
-
-        self.placement = FixedPlacement(self.engine)
+        self.lost: list[tuple[Any, str]] = []
+        self.placement = ScriptedPlacement(self.engine)
+        self.waits: Optional[WaitQueue] = None
+        if queue_size is not None:
+            self.waits = WaitQueue(
+                self.clock, size=queue_size, max_wait=max_wait, keepalive_interval=keepalive_interval, mode=wait_mode
+            )
         self.registry = SessionRegistry(
             self.placement,
             self.clock,
             empty_timeout=empty_timeout,
             linger=linger,
-            on_session_closed=lambda s, r: self.closed.append((s, r)),
+            on_session_closed=self._closed,
+            on_engine_lost=lambda s, r: self.lost.append((s, r)),
+            waits=self.waits,
+            failover_attempts=failover_attempts,
         )
+        if self.waits is not None:
+            self.waits.prewarm = self.registry.prewarm
         self.app = ProxyApp(
             self.registry, self.clock, buffer_size=buffer_size, stuck_timeout=stuck_timeout
         )
         self.site = Site(self.app.resource(), reactor=self.clock)
+
+    def _closed(self, session: Any, reason: str) -> None:
+        self.closed.append((session, reason))
+        if self.waits is not None and session.streaming_since is not None:
+            self.waits.kick()  # as the service does: only a session that held an engine frees a slot
 
     def connect(self, path: bytes = b"/ace/getstream?id=" + CID.encode(), method: bytes = b"GET") -> "Client":
         return Client(self.site, path, method)

@@ -1,0 +1,283 @@
+"""
+Holding players through outages, the wait queue and mid-stream failover,
+deterministic: MemoryReactorClock for every timer (keepalive cadence, max
+wait, linger), a scripted placement and engine.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from acexy_tw.engine import EngineError, NoEngine
+from acexy_tw.streaming.mpegts import NULL_PACKET, PACKET_SIZE
+from acexy_tw.streaming.session import KEEPALIVE
+from tests.unit.fakes import CID, CID2, Proxy, our_delayed_calls, ts
+
+
+def vpn_down() -> NoEngine:
+    return NoEngine("Service temporarily unavailable: VPN connection is being restored", code="vpn_disconnected", retry_after=60)
+
+
+def breaker(eta: int = 30) -> NoEngine:
+    return NoEngine("Service temporarily unavailable: System is recovering from errors", code="circuit_breaker", retry_after=eta)
+
+
+def key(cid: str = CID):
+    from acexy_tw.content import ContentKey
+
+    return ContentKey("content_id", cid)
+
+
+def only_nulls(data: bytes) -> bool:
+    return len(data) % PACKET_SIZE == 0 and all(
+        data[i : i + PACKET_SIZE] == NULL_PACKET for i in range(0, len(data), PACKET_SIZE)
+    )
+
+
+class HoldTests(SynchronousTestCase):
+    def test_held_player_gets_200_at_once_then_nulls_at_the_cadence(self) -> None:
+        p = Proxy(queue_size=8, keepalive_interval=1.0)
+        p.placement.script = [vpn_down()]
+        c = p.connect()
+        self.assertEqual(c.status(), 200)
+        self.assertEqual(c.body(), KEEPALIVE)
+        self.assertTrue(only_nulls(c.body()))
+        p.clock.advance(0.9)
+        self.assertEqual(len(c.body()), len(KEEPALIVE))
+        p.clock.advance(0.1)
+        self.assertEqual(len(c.body()), 2 * len(KEEPALIVE))
+        p.clock.pump([1, 1, 1])  # (one big advance would let LoopingCall skip missed ticks)
+        self.assertEqual(len(c.body()), 5 * len(KEEPALIVE))
+        self.assertEqual(p.registry.get(key()).state, "held")
+
+    def test_when_the_engine_comes_the_real_stream_follows_on_the_same_connection(self) -> None:
+        p = Proxy(queue_size=8)
+        p.placement.script = [vpn_down()]
+        c = p.connect()
+        p.clock.advance(2)
+        p.waits.kick()  # the monitor saw the VPN back
+        p.engine.response.data(ts(3))
+        body = c.body()
+        self.assertEqual(body[-3 * PACKET_SIZE :], ts(3))
+        self.assertTrue(only_nulls(body[: -3 * PACKET_SIZE]))
+        p.clock.advance(5)
+        self.assertEqual(c.body()[-3 * PACKET_SIZE :], ts(3))  # keepalive stopped
+        self.assertEqual(p.waits.held, [])
+
+    def test_still_blocked_stays_held_without_losing_its_place(self) -> None:
+        p = Proxy(queue_size=8)
+        p.placement.script = [vpn_down(), vpn_down()]
+        p.connect()
+        p.waits.kick()
+        self.assertEqual(len(p.placement.places), 2)
+        self.assertEqual([s.key for s in p.waits.held], [key()])
+
+    def test_max_wait_lets_the_player_go_cleanly_and_provisions_nothing(self) -> None:
+        p = Proxy(queue_size=8, max_wait=10, keepalive_interval=1)
+        p.placement.script = [vpn_down()]
+        c = p.connect()
+        p.clock.advance(9)
+        self.assertFalse(c.finished_cleanly())
+        p.clock.advance(1)
+        self.assertTrue(c.finished_cleanly())
+        self.assertIsNone(p.registry.get(key()))
+        self.assertEqual(p.waits.held, [])
+        p.waits.kick()
+        self.assertEqual(len(p.placement.places), 1)
+        self.assertEqual(our_delayed_calls(p.clock), [])
+
+    def test_held_player_hanging_up_drops_the_wait_at_once(self) -> None:
+        p = Proxy(queue_size=8, linger=30)
+        p.placement.script = [vpn_down()]
+        c = p.connect()
+        c.disconnect()
+        self.assertIsNone(p.registry.get(key()))  # no linger for a session that never started
+        p.waits.kick()
+        self.assertEqual(len(p.placement.places), 1)  # nothing placed for nobody
+        self.assertEqual(our_delayed_calls(p.clock), [])
+
+    def test_players_of_one_content_share_one_pending_session(self) -> None:
+        p = Proxy(queue_size=8)
+        p.placement.script = [vpn_down()]
+        a, b = p.connect(), p.connect()
+        self.assertEqual(len(p.placement.places), 1)
+        self.assertEqual(b.body(), KEEPALIVE)  # the joiner is kept alive at once too
+        p.waits.kick()
+        p.engine.response.data(ts(1))
+        self.assertEqual(a.body()[-PACKET_SIZE:], ts(1))
+        self.assertEqual(b.body()[-PACKET_SIZE:], ts(1))
+        self.assertEqual(len(p.placement.places), 2)
+
+    def test_a_permanent_refusal_is_not_held(self) -> None:
+        p = Proxy(queue_size=8)
+        p.placement.script = [NoEngine("docker exploded", code="general_error", http_status=502)]
+        c = p.connect()
+        self.assertEqual(c.status(), 502)
+        self.assertEqual(p.waits.held, [])
+
+    def test_a_held_session_failing_for_good_ends_its_players_cleanly(self) -> None:
+        p = Proxy(queue_size=8)
+        p.placement.script = [vpn_down(), NoEngine("docker exploded", code="general_error", http_status=502)]
+        c = p.connect()
+        p.waits.kick()
+        self.assertTrue(c.finished_cleanly())  # it got a 200 already: a clean end, it retries
+        self.assertEqual(p.waits.held, [])
+
+
+class QueueTests(SynchronousTestCase):
+    def test_queue_is_served_in_arrival_order_and_stops_at_the_first_still_blocked(self) -> None:
+        p = Proxy(queue_size=8)
+        p.placement.script = [breaker(), breaker()]
+        p.connect()  # A
+        p.connect(b"/ace/getstream?id=" + CID2.encode())  # B
+        self.assertEqual([s.key for s in p.waits.held], [key(CID), key(CID2)])
+        p.placement.script = [breaker()]  # A still blocked: B must not jump ahead
+        p.waits.kick()
+        self.assertEqual([k for k, _ in p.placement.places[2:]], [key(CID)])
+        p.waits.kick()  # now A gets through, then B
+        self.assertEqual([k for k, _ in p.placement.places[3:]], [key(CID), key(CID2)])
+        self.assertEqual(p.waits.held, [])
+        self.assertEqual(p.waits.served, 2)
+
+    def test_queue_full_is_a_503_with_retry_after(self) -> None:
+        p = Proxy(queue_size=2)
+        p.placement.script = [breaker(), breaker()]
+        a, b = p.connect(), p.connect()
+        self.assertEqual(b.status(), 200)
+        c = p.connect()  # joins the held session: no room
+        self.assertEqual(c.status(), 503)
+        self.assertIn(b"retry-after: 30", c.value().lower())
+        other = p.connect(b"/ace/getstream?id=" + CID2.encode())  # a new content: no room either
+        self.assertEqual(other.status(), 503)
+        self.assertEqual(json.loads(other.body())["code"], "circuit_breaker")
+
+    def test_breaker_eta_beyond_max_wait_is_a_503(self) -> None:
+        p = Proxy(queue_size=8, max_wait=60)
+        p.placement.script = [breaker(eta=300)]
+        c = p.connect()
+        self.assertEqual(c.status(), 503)
+        self.assertEqual(p.waits.held, [])
+
+    def test_reject_mode_answers_503_remembers_and_prewarms(self) -> None:
+        p = Proxy(queue_size=8, wait_mode="reject", linger=5)
+        p.placement.script = [breaker()]
+        c = p.connect()
+        self.assertEqual(c.status(), 503)
+        self.assertEqual(list(p.waits.demands), [key()])
+        p.waits.kick()  # capacity back: the session is started for nobody yet
+        session = p.registry.get(key())
+        self.assertEqual(session.state, "streaming")
+        self.assertEqual(len(p.engine.starts), 1)
+        again = p.connect()  # the player's retry
+        p.engine.response.data(ts(2))
+        self.assertEqual(again.body(), ts(2))
+        self.assertEqual(len(p.engine.starts), 1)  # no new engine start
+
+    def test_unclaimed_prewarmed_session_ends_after_linger(self) -> None:
+        p = Proxy(queue_size=8, wait_mode="reject", linger=5)
+        p.placement.script = [breaker()]
+        p.connect()
+        p.waits.kick()
+        p.clock.advance(5)
+        self.assertIsNone(p.registry.get(key()))
+        self.assertEqual(len(p.engine.stops), 1)
+
+    def test_vpn_outages_are_held_even_in_reject_mode(self) -> None:
+        p = Proxy(queue_size=8, wait_mode="reject")
+        p.placement.script = [vpn_down()]
+        self.assertEqual(p.connect().status(), 200)
+
+
+class FailoverTests(SynchronousTestCase):
+    def test_engine_eof_mid_stream_keeps_players_and_continues_on_a_new_session(self) -> None:
+        p = Proxy(failover_attempts=3, queue_size=8)
+        a, b = p.connect(), p.connect()
+        first = p.engine.response
+        first.data(ts(2, 0x01))
+        first.eof()
+        self.assertFalse(a.finished_cleanly() or a.aborted)
+        self.assertEqual(len(p.engine.stops), 1)  # the dead session is stopped
+        self.assertEqual(p.lost[-1][1], "failover")
+        self.assertEqual(len(p.engine.starts), 2)  # the same engine, once
+        second = p.engine.response
+        self.assertIsNot(second, first)
+        second.data(ts(2, 0x02))
+        for c in (a, b):
+            body = c.body()
+            self.assertEqual(body[: 2 * PACKET_SIZE], ts(2, 0x01))
+            self.assertEqual(body[-2 * PACKET_SIZE :], ts(2, 0x02))
+        self.assertEqual(p.registry.get(key()).failovers, 1)
+
+    def test_gap_is_filled_with_keepalive(self) -> None:
+        p = Proxy(failover_attempts=3, queue_size=8, keepalive_interval=1)
+        p.engine.auto = False
+        c = p.connect()
+        k, d = p.engine.starts[0]
+        from tests.unit.test_streaming import _info
+
+        d.callback(_info(k))
+        p.engine.answer_playback()
+        p.engine.response.data(ts(1))
+        p.engine.response.reset()
+        self.assertEqual(c.body()[PACKET_SIZE:], KEEPALIVE)  # at once
+        p.clock.pump([1, 1, 1])
+        self.assertTrue(only_nulls(c.body()[PACKET_SIZE:]))
+        self.assertEqual(len(c.body()[PACKET_SIZE:]), 4 * len(KEEPALIVE))
+
+    def test_second_attempt_avoids_the_dead_engine(self) -> None:
+        p = Proxy(failover_attempts=3, queue_size=8)
+        p.connect()
+        p.engine.response.data(ts(1))
+        p.engine.container_id = "dead"
+        p.engine.fail_next_start = True
+        original = p.engine.start
+
+        def refuse_once(k):
+            if getattr(p.engine, "fail_next_start", False):
+                p.engine.fail_next_start = False
+                from twisted.internet.defer import fail
+
+                return fail(EngineError("connection refused"))
+            return original(k)
+
+        p.engine.start = refuse_once
+        p.engine.response.eof()
+        self.assertEqual(p.placement.places[-1][1], frozenset({"dead"}))
+        self.assertIn(key(), p.placement.released)
+        self.flushLoggedErrors()
+
+    def test_all_attempts_failing_closes_cleanly(self) -> None:
+        p = Proxy(failover_attempts=2, queue_size=8)
+        c = p.connect()
+        p.engine.response.data(ts(1))
+        p.placement.script = [EngineError("no engine")]
+        from twisted.internet.defer import fail
+
+        p.engine.start = lambda k: fail(EngineError("refused"))
+        p.engine.response.eof()
+        self.assertTrue(c.finished_cleanly())
+        self.assertIsNone(p.registry.get(key()))
+        self.assertEqual(our_delayed_calls(p.clock), [])
+
+    def test_no_failover_without_players(self) -> None:
+        p = Proxy(failover_attempts=3, queue_size=8, linger=30)
+        c = p.connect()
+        p.engine.response.data(ts(1))
+        c.disconnect()  # lingering, nobody watching
+        p.engine.response.eof()
+        self.assertIsNone(p.registry.get(key()))
+        self.assertEqual(len(p.engine.starts), 1)
+
+    def test_no_failover_for_a_non_live_stream(self) -> None:
+        p = Proxy(failover_attempts=3, queue_size=8)
+        c = p.connect()
+        session = p.registry.get(key())
+        from dataclasses import replace
+
+        session.info = replace(session.info, is_live=0)
+        p.engine.response.data(ts(1))
+        p.engine.response.eof()
+        self.assertTrue(c.finished_cleanly())
+        self.assertEqual(len(p.engine.starts), 1)
