@@ -235,6 +235,7 @@ class AcexyService(MultiService):
             "last_error": self.monitor.last_error,
             "snapshot_age": None if age is None else round(age, 1),
             "poll_interval": self.monitor.current_interval,
+            "warnings": self.monitor.warnings(),
             **self.placement.describe(),
         }
         if snap is not None:

@@ -82,8 +82,31 @@ class HealthMonitor(Service):
         return self.snapshot is not None and not self.snapshot.can_provision
 
     @property
+    def degraded(self) -> bool:
+        """Unreachable, blocked, or not reporting itself healthy."""
+        return self.reachable is False or self.blocked or (
+            self.snapshot is not None and self.snapshot.status != "healthy"
+        )
+
+    @property
     def current_interval(self) -> float:
-        return self.outage_interval if (self.reachable is False or self.blocked) else self.interval
+        return self.outage_interval if self.degraded else self.interval
+
+    def warnings(self) -> list[str]:
+        """What an operator should know now (shown on /ace/status)."""
+        out = []
+        if self.reachable is False:
+            out.append(f"orchestrator unreachable ({self.last_error}): new streams use the configured engine")
+        snap = self.snapshot
+        if snap is not None and self.reachable:
+            if snap.status == "unavailable":
+                out.append("orchestrator reports no engine running: new players are held until one is")
+            if snap.vpn_down:
+                out.append("VPN down: new players are held until it is back")
+            elif not snap.can_provision:
+                code = getattr(snap.blocked, "code", None) or "blocked"
+                out.append(f"provisioning blocked ({code}): players may be held or refused")
+        return out
 
     def fresh(self, max_age: float) -> Deferred:
         """A snapshot no older than ``max_age`` (polls now if needed; a fresh
@@ -197,7 +220,10 @@ class HealthMonitor(Service):
             )
             return
         if before["status"] != now["status"]:
-            log.info("orchestrator status {a} -> {b}", a=before["status"], b=now["status"])
+            if now["status"] == "unavailable":
+                log.warn("orchestrator reports no engine running (unavailable): new players are held until one is")
+            else:
+                log.info("orchestrator status {a} -> {b}", a=before["status"], b=now["status"])
         if before["vpn_down"] != now["vpn_down"]:
             if now["vpn_down"]:
                 log.warn("orchestrator reports the VPN down: provisioning waits for it")

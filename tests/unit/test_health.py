@@ -24,6 +24,7 @@ class Snap:
 
 HEALTHY = Snap()
 VPN_DOWN = Snap(status="degraded", vpn_down=True, can_provision=False)
+UNAVAILABLE = Snap(status="unavailable", can_provision=True)
 
 
 class Script:
@@ -149,4 +150,30 @@ class HealthMonitorTests(SynchronousTestCase):
         self.assertEqual(sum("VPN back up" in t for t in texts), 1)
         self.assertEqual(sum("unreachable" in t for t in texts), 1)
         self.assertEqual(sum("reachable again" in t for t in texts), 1)
+        mon.stopService()
+
+
+class DegradedTests(SynchronousTestCase):
+    def test_unavailable_polls_faster_and_warns_once(self) -> None:
+        logs = LogCapture(self)
+        mon, script, clock = monitor(HEALTHY, UNAVAILABLE, UNAVAILABLE, UNAVAILABLE, HEALTHY)
+        mon.startService()
+        clock.pump([30, 10, 10, 10])
+        self.assertEqual(script.calls, [0, 30, 40, 50, 60])
+        self.assertEqual(sum("no engine running" in t for t in logs.texts()), 1)
+        self.assertEqual(mon.current_interval, 30)  # healthy again
+        mon.stopService()
+
+    def test_warnings_for_the_operator(self) -> None:
+        mon, script, clock = monitor(UNAVAILABLE)
+        mon.startService()
+        self.assertIn("no engine running", " ".join(mon.warnings()))
+        mon.stopService()
+        mon, script, clock = monitor(VPN_DOWN)
+        mon.startService()
+        self.assertIn("VPN down", " ".join(mon.warnings()))
+        mon.stopService()
+        mon, script, clock = monitor(ConnectionRefusedError("refused"))
+        mon.startService()
+        self.assertIn("unreachable", " ".join(mon.warnings()))
         mon.stopService()
