@@ -152,6 +152,13 @@ class Placement:
         """The session for ``key`` ended: its engine slot is free again."""
         self.reservations.pop(key, None)
 
+    def restarted(self, key: ContentKey, info: PlaybackInfo) -> None:
+        """The session for ``key`` was started again on its engine (failover):
+        its reservation now stands for the new stream id."""
+        reservation = self.reservations.get(key)
+        if reservation is not None:
+            reservation.stream_id = stream_id_for(key, info)
+
     # -- helpers -------------------------------------------------------------------
 
     def _extra_load(self, engines: list[OrchestratedEngine]) -> dict[str, int]:

@@ -72,6 +72,8 @@ class PlacementLike(TypingProtocol):
 
     def release(self, key: ContentKey) -> None: ...
 
+    def restarted(self, key: ContentKey, info: PlaybackInfo) -> None: ...
+
 
 class ShuttingDown(EngineError):
     http_status = 503
@@ -458,6 +460,7 @@ class EngineSession:
             try:
                 if attempt == 1:  # the same engine once: often it only dropped this session
                     engine, info = old_engine, await old_engine.start(self.key)
+                    self._placement.restarted(self.key, info)
                 else:
                     self._placement.release(self.key)
                     avoid = frozenset({old_engine.container_id}) if old_engine.container_id else frozenset()

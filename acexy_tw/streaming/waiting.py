@@ -9,7 +9,10 @@ arrival order. :meth:`kick` is called whenever capacity may have come back
 sessions **one at a time, oldest first**, and stops at the first one that is
 still told to wait, so the queue is served in order and the orchestrator is
 never stormed (each retry costs one ``GET /engines``; no POST is made while the
-snapshot says blocked).
+snapshot says blocked). Each retry is given ``settle_window`` seconds to be
+told "wait" or to get its engine; one still busy after that (provisioning a
+new engine takes seconds) is left to finish while the next is tried, so after
+a VPN outage the contents' provisions overlap instead of queueing.
 
 In ``reject`` mode breaker/capacity waits are answered 503 at once, the demand
 is remembered, and :meth:`kick` pre-warms sessions for the oldest demands so
@@ -50,7 +53,9 @@ class WaitQueue:
         keepalive_interval: float,
         mode: str = "hold",
         prewarm: Optional[Callable[[ContentKey], "Deferred[bool]"]] = None,
+        settle_window: float = 1.0,
     ) -> None:
+        self.settle_window = settle_window
         self._clock = clock
         self.size = size
         self.max_wait = max_wait
@@ -125,7 +130,7 @@ class WaitQueue:
                 for session in list(self.held):
                     if session not in self.held:
                         continue
-                    if not await session.retry():
+                    if await self._settled(session.retry()) is False:
                         blocked = session in self.held  # still told to wait: the rest wait too
                         if blocked:
                             break
@@ -134,7 +139,7 @@ class WaitQueue:
                 if not blocked and self.prewarm is not None:
                     for key in list(self.demands):
                         since = self.demands.pop(key)
-                        if not await self.prewarm(key):
+                        if await self._settled(self.prewarm(key)) is False:
                             self.demands[key] = since  # still told to wait: keep its place
                             self.demands.move_to_end(key, last=False)
                             break
@@ -142,6 +147,25 @@ class WaitQueue:
                     return
         finally:
             self._serving = False
+
+    def _settled(self, d: Deferred) -> Deferred:
+        """``d``'s result, or None if it is still busy after ``settle_window``."""
+        out: Deferred = Deferred()
+
+        def busy() -> None:
+            if not out.called:
+                out.callback(None)
+
+        call = self._clock.callLater(self.settle_window, busy)
+
+        def done(result: Any) -> None:
+            if call.active():
+                call.cancel()
+            if not out.called:
+                out.callback(result)
+
+        d.addBoth(done)
+        return out
 
     # -- status --------------------------------------------------------------------------
 

@@ -125,6 +125,9 @@ class FixedPlacement:
     def release(self, key: ContentKey) -> None:
         pass
 
+    def restarted(self, key: ContentKey, info: Any) -> None:
+        pass
+
 
 class ScriptedPlacement(FixedPlacement):
     """Placement whose next answers the test scripts: exceptions to raise, in order;

@@ -281,3 +281,28 @@ class FailoverTests(SynchronousTestCase):
         p.engine.response.eof()
         self.assertTrue(c.finished_cleanly())
         self.assertEqual(len(p.engine.starts), 1)
+
+
+class SettleWindowTests(SynchronousTestCase):
+    def test_a_slow_retry_does_not_hold_up_the_rest_of_the_queue(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        p = Proxy(queue_size=8)
+        p.placement.script = [vpn_down(), vpn_down()]
+        p.connect()  # A
+        p.connect(b"/ace/getstream?id=" + CID2.encode())  # B
+        slow: Deferred = Deferred()
+        original = p.placement.place
+
+        async def place(key, *, avoid=frozenset(), on_wait=None):
+            if key.value == CID:
+                await slow  # A's new engine takes a while to come up
+            return await original(key, avoid=avoid, on_wait=on_wait)
+
+        p.placement.place = place
+        p.waits.kick()
+        self.assertEqual(len(p.placement.places), 2)  # only A tried so far
+        p.clock.advance(1.0)  # the settle window: A is busy, not blocked -> B's turn
+        self.assertEqual([k.value for k, _ in p.placement.places[2:]], [CID2])
+        slow.callback(None)
+        self.assertEqual(p.waits.held, [])

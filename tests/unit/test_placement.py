@@ -321,3 +321,18 @@ class ProvisioningTests(SynchronousTestCase):
         f = self.failureResultOf(d, NoEngine)
         self.assertEqual(f.value.code, "engine_not_ready")
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+class ReservationTests(SynchronousTestCase):
+    def test_restarted_session_is_counted_once(self) -> None:
+        h = Harness(max_streams=2)
+        engine = h.orch.add(1)
+        client, info = self.successResultOf(h.place(key(1)))
+        stream_id = f"{key(1).value}|{info.playback_session_id}"
+        listed = OrchestratedEngine(engine.container_id, engine.container_name, engine.host, engine.port, streams=(stream_id,))
+        self.assertEqual(h.placement._extra_load([listed]), {})  # reported: counted by the orchestrator only
+        new_info = PlaybackInfo("http://x/r", "http://x/s", "http://x/c", "i", "f" * 40, 1)
+        h.placement.restarted(key(1), new_info)  # failover on the same engine
+        relisted = OrchestratedEngine(engine.container_id, engine.container_name, engine.host, engine.port,
+                                      streams=(f"{key(1).value}|{'f' * 40}",))
+        self.assertEqual(h.placement._extra_load([relisted]), {})
