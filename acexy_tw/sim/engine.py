@@ -45,6 +45,7 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from acexy_tw.sim.conditions import Conditions
 from acexy_tw.sim.model import Behaviour, SimSession
 from acexy_tw.sim.playback import PlaybackStream
 
@@ -373,7 +374,7 @@ class SimEngine:
         self.port: Optional[int] = None
         self.interface: Optional[str] = None
         self._by_token: Dict[str, SimSession] = {}
-        self._waiters: List[Tuple[Predicate, Deferred]] = []
+        self._conditions = Conditions(self)
         self._answers = _PendingAnswers(reactor, self._changed)
         self._site = _SimSite(_EngineResource(self), reactor, self._changed)
         self._listening: Optional[IListeningPort] = None
@@ -459,43 +460,16 @@ class SimEngine:
     @property
     def waiters(self) -> int:
         """``when`` Deferreds still waiting."""
-        return len(self._waiters)
+        return len(self._conditions)
 
     def when(self, predicate: Predicate) -> "Deferred[None]":
-        """A Deferred that fires (once) as soon as ``predicate(engine)`` is
-        true: now, or after the state change that makes it so.  Cancelling it
-        forgets the waiter; an exception from the predicate errbacks it."""
-        entry: List[object] = []
-
-        def forget(_: Deferred) -> None:
-            if entry and entry[0] in self._waiters:
-                self._waiters.remove(entry[0])
-
-        waiter: "Deferred[None]" = Deferred(forget)
-        item = (predicate, waiter)
-        entry.append(item)
-        self._waiters.append(item)
-        self._check(item)
-        return waiter
+        """A Deferred that fires (once) as soon as ``predicate(self)`` is true
+        (see :class:`acexy_tw.sim.conditions.Conditions`)."""
+        return self._conditions.when(predicate)
 
     def _changed(self) -> None:
-        """Re-check the waiters; called after every state change."""
-        for item in list(self._waiters):
-            self._check(item)
-
-    def _check(self, item: Tuple[Predicate, Deferred]) -> None:
-        if item not in self._waiters:
-            return  # fired or cancelled by a callback of an earlier waiter
-        predicate, waiter = item
-        try:
-            ready = predicate(self)
-        except Exception:
-            self._waiters.remove(item)
-            waiter.errback()
-            return
-        if ready:
-            self._waiters.remove(item)
-            waiter.callback(None)
+        """Re-check the ``when`` waiters; called after every state change."""
+        self._conditions.changed()
 
     # --- sessions ------------------------------------------------------------------
 

@@ -64,6 +64,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from acexy_tw.sim.conditions import Conditions
 from acexy_tw.sim.engine import SimEngine, _SimSite
 
 __all__ = ["SimOrchestrator", "SimEngineHandle", "SimStream", "FAILURE_CODES", "main"]
@@ -626,7 +627,7 @@ class SimOrchestrator:
         self._numbers = 0
         self._pending_provisions = 0
         self._timers: List[IDelayedCall] = []
-        self._waiters: List[Tuple[Predicate, Deferred]] = []
+        self._conditions = Conditions(self)
         self._site = _SimSite(_OrchestratorResource(self), reactor, self._changed)
         self._listening: Optional[IListeningPort] = None
         self.port: Optional[int] = None
@@ -1069,7 +1070,7 @@ class SimOrchestrator:
 
     @property
     def waiters(self) -> int:
-        return len(self._waiters)
+        return len(self._conditions)
 
     @property
     def connections(self) -> int:
@@ -1077,41 +1078,13 @@ class SimOrchestrator:
         return len(self._site.connections)
 
     def when(self, predicate: Predicate) -> "Deferred[None]":
-        """A Deferred that fires (once) as soon as ``predicate(orchestrator)``
-        is true: now, or after the state change that makes it so (a request,
-        an engine starting, a scripting call).  The breaker ETA running down
-        is not a change: poll for it.  Cancelling forgets the waiter; an
-        exception from the predicate errbacks it."""
-        entry: List[Tuple[Predicate, Deferred]] = []
-
-        def forget(_: Deferred) -> None:
-            if entry and entry[0] in self._waiters:
-                self._waiters.remove(entry[0])
-
-        waiter: "Deferred[None]" = Deferred(forget)
-        item = (predicate, waiter)
-        entry.append(item)
-        self._waiters.append(item)
-        self._check(item)
-        return waiter
+        """A Deferred that fires (once) as soon as ``predicate(self)`` is true
+        (see :class:`acexy_tw.sim.conditions.Conditions`)."""
+        return self._conditions.when(predicate)
 
     def _changed(self) -> None:
-        for item in list(self._waiters):
-            self._check(item)
-
-    def _check(self, item: Tuple[Predicate, Deferred]) -> None:
-        if item not in self._waiters:
-            return
-        predicate, waiter = item
-        try:
-            ready = predicate(self)
-        except Exception:
-            self._waiters.remove(item)
-            waiter.errback()
-            return
-        if ready:
-            self._waiters.remove(item)
-            waiter.callback(None)
+        """Re-check the ``when`` waiters; called after every state change."""
+        self._conditions.changed()
 
 
 # --- command line -------------------------------------------------------------------------
