@@ -16,6 +16,7 @@ setup(
         "treq>=24.9.1",
         "klein>=24.8.0",
         "pyopenssl>=24.0.0",
+        "prometheus_client>=0.20",
     ],
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14"]},
 )

@@ -431,6 +431,21 @@ def parse_failover_attempts(text: str) -> int:
     return int(text)
 
 
+def parse_log_format(text: str) -> str:
+    fmt = text.strip().lower()
+    if fmt not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return fmt
+
+
+def parse_token(text: str) -> str:
+    """An access token: printable ASCII without spaces, at least 8 characters."""
+    token = parse_api_key(text)
+    if len(token) < 8:
+        raise ValueError("must be at least 8 characters (it guards every route)")
+    return token
+
+
 def optional(parser: Callable[[str], T]) -> Callable[[str], Optional[T]]:
     """
     Wrap ``parser`` so an empty (or blank) text means "not set": ``None``.
@@ -670,6 +685,44 @@ SETTINGS: tuple[Setting, ...] = (
         parser=parse_failover_attempts,
         help="Engine placements tried when a live stream's engine dies mid-stream (0: none)",
     ),
+    # -- operations -------------------------------------------------------------
+    Setting(
+        field="token",
+        env="ACEXY_TOKEN",
+        aliases=(),
+        option="token",
+        default="",
+        parser=optional(parse_token),
+        help="Access token required on every route but /healthz (?token= or Authorization: Bearer)",
+        secret=True,
+    ),
+    Setting(
+        field="m3u8",
+        env="ACEXY_M3U8",
+        aliases=(),
+        option="m3u8",
+        default="false",
+        parser=parse_bool,
+        help="Serve /ace/getstream as HLS (acexy's meaning)",
+    ),
+    Setting(
+        field="log_format",
+        env="ACEXY_LOG_FORMAT",
+        aliases=(),
+        option="log-format",
+        default="text",
+        parser=parse_log_format,
+        help="Log format: text or json (with twistd --logger acexy_tw.logs.observer)",
+    ),
+    Setting(
+        field="access_log",
+        env="ACEXY_ACCESS_LOG",
+        aliases=(),
+        option="access-log",
+        default="false",
+        parser=parse_bool,
+        help="Log every HTTP request (off by default: flash wear on routers)",
+    ),
 )
 
 
@@ -698,6 +751,10 @@ class Config:
     queue_size: int = 32
     wait_mode: str = "hold"
     failover_attempts: int = 3
+    token: Optional[str] = field(default=None, repr=False)  # secret: never in repr/logs
+    m3u8: bool = False
+    log_format: str = "text"
+    access_log: bool = False
     demo: bool = False  # set by --demo, not from the environment
 
     @property

@@ -37,3 +37,27 @@ def get_logger(namespace: str) -> Logger:
 def set_level(name: str) -> None:
     """Set the lowest level emitted by acexy_tw loggers (debug/info/warn/error)."""
     _predicate.defaultLogLevel = LEVELS[name]
+
+
+#: set when twistd was started with ``--logger acexy_tw.logs.observer``
+observer_installed = False
+
+
+def observer() -> object:
+    """
+    twistd's log observer factory: ``twistd --logger acexy_tw.logs.observer``.
+
+    Writes to stdout (journald, procd's logd and Docker collect it) as text or,
+    with ``ACEXY_LOG_FORMAT=json``, one JSON object per line.
+    """
+    import os
+    import sys
+
+    from twisted.logger import jsonFileLogObserver, textFileLogObserver
+
+    global observer_installed
+    observer_installed = True
+    fmt = (os.environ.get("ACEXY_LOG_FORMAT") or "text").strip().lower()
+    if fmt == "json":
+        return jsonFileLogObserver(sys.stdout)
+    return textFileLogObserver(sys.stdout)

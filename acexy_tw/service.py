@@ -28,6 +28,7 @@ from acexy_tw import __version__
 from acexy_tw.config import Config, ConfigError
 from acexy_tw.engine import EngineAddress, EngineClient
 from acexy_tw.logs import get_logger, set_level
+from acexy_tw.metrics import Metrics
 from acexy_tw.orchestrator.client import OrchestratorClient
 from acexy_tw.orchestrator.events import EventReporter
 from acexy_tw.orchestrator.health import HealthMonitor
@@ -36,6 +37,7 @@ from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.session import EngineSession
 from acexy_tw.streaming.waiting import WaitQueue
 from acexy_tw.web.app import ProxyApp
+from acexy_tw.web.guard import TokenGuard
 
 log = get_logger(__name__)
 
@@ -46,12 +48,15 @@ DEMO_CONTENT_ID = "0123456789abcdef0123456789abcdef01234567"
 
 
 class QuietSite(Site):
-    """A Site without the per-request access log (flash wear on routers)."""
+    """A Site whose per-request access log is off unless asked for (flash wear
+    on routers; the log line would also carry ?token= URLs)."""
 
     noisy = False
+    access_log = False
 
     def log(self, request: Any) -> None:
-        pass
+        if self.access_log:
+            super().log(request)
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -194,7 +199,13 @@ class AcexyService(MultiService):
             orchestrator_status=self._orchestrator_status if self.orchestrator else None,
             waits=self.waits,
         )
-        self.site = QuietSite(self.web.resource(), reactor=reactor)
+        self.metrics = Metrics(self)
+        self.web.metrics = self.metrics
+        resource = self.web.resource()
+        if config.token:
+            resource = TokenGuard(resource, config.token)
+        self.site = QuietSite(resource, reactor=reactor)
+        self.site.access_log = config.access_log
         try:
             endpoint = serverFromString(reactor, config.listen)
         except (ValueError, KeyError, TypeError) as e:
@@ -221,6 +232,7 @@ class AcexyService(MultiService):
 
     def _engine_lost(self, session: EngineSession, reason: str) -> None:
         """Failover: the old engine session is over (reported); a new one follows."""
+        self.registry.stopped[reason] += 1
         if self.events is not None:
             self.events.ended(session, reason)
 
@@ -258,6 +270,10 @@ class AcexyService(MultiService):
 
     def startService(self) -> None:
         set_level(self.config.log_level)
+        from acexy_tw import logs
+
+        if self.config.log_format == "json" and not logs.observer_installed:
+            log.warn("ACEXY_LOG_FORMAT=json needs twistd --logger acexy_tw.logs.observer; logging text")
         if self.sim is not None:
             self.sim.startService()  # listen first: the engine address depends on it
             self.engine.address = EngineAddress("http", "127.0.0.1", self.sim.port_number)

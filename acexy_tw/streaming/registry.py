@@ -10,6 +10,7 @@ getstream call however many players arrive at once (STYLE.md pitfalls 10, 11).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable, Iterator, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -62,6 +63,10 @@ class SessionRegistry:
         self._sessions: dict[ContentKey, EngineSession] = {}
         self._stops: set[Deferred] = set()
         self.sessions_started = 0
+        #: ended engine sessions by reason (``failover`` included), for metrics
+        self.stopped: Counter[str] = Counter()
+        #: bytes sent to players by sessions already closed
+        self.bytes_out_closed = 0
         self.accepting = True
 
     def __len__(self) -> int:
@@ -129,6 +134,8 @@ class SessionRegistry:
     def _closed(self, session: EngineSession, reason: str) -> None:
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
+        self.stopped[reason] += 1
+        self.bytes_out_closed += session.bytes_out
         if session.stop_result is not None:
             d = session.stop_result
             self._stops.add(d)

@@ -49,6 +49,7 @@ class ClientSink:
         stuck_timeout: float,
         peer: str = "?",
         on_cut: Optional[Callable[["ClientSink", str], None]] = None,
+        on_first_byte: Optional[Callable[["ClientSink"], None]] = None,
     ) -> None:
         self.request = request
         self.session: Optional[EngineSession] = None
@@ -60,6 +61,8 @@ class ClientSink:
         self.bytes_sent = 0
         self.cut_reason: Optional[str] = None
         self.connected_at = clock.seconds()
+        self.first_byte_at: Optional[float] = None
+        self._on_first_byte = on_first_byte
         self._backlog: deque[bytes] = deque()
         self._clock = clock
         self._stuck_timeout = stuck_timeout
@@ -91,6 +94,10 @@ class ClientSink:
         self._write(data)
 
     def _write(self, data: bytes) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = self._clock.seconds()
+            if self._on_first_byte is not None:
+                self._on_first_byte(self)
         self.bytes_sent += len(data)
         # May re-enter pauseProducing synchronously when the transport fills.
         self.request.write(data)

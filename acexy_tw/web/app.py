@@ -62,6 +62,7 @@ class ProxyApp:
         on_cut: Optional[Callable[[ClientSink, str], None]] = None,
         orchestrator_status: Optional[Callable[[], dict]] = None,
         waits: Any = None,
+        metrics: Any = None,
     ) -> None:
         self.registry = registry
         self._clock = clock
@@ -70,6 +71,7 @@ class ProxyApp:
         self._on_cut_hook = on_cut
         self._orchestrator_status = orchestrator_status
         self._waits = waits
+        self.metrics = metrics
         self.started_at = clock.seconds()
         self.clients_cut = 0
 
@@ -105,6 +107,7 @@ class ProxyApp:
             stuck_timeout=self._stuck_timeout,
             peer=_peer(request),
             on_cut=self._on_cut,
+            on_first_byte=self.metrics.first_byte if self.metrics is not None else None,
         )
         try:
             self.registry.join(key, sink)
@@ -139,6 +142,7 @@ class ProxyApp:
                 doc["orchestrator"] = self._orchestrator_status()
             if self._waits is not None:
                 doc["held"] = self._waits.describe()
+            doc["sessions"] = [self._describe(s) for s in sessions]
             return _json(request, doc)
         wanted = ids[0].decode("utf-8", "replace")
         sessions = self.registry.find(wanted)
@@ -150,6 +154,25 @@ class ProxyApp:
         if len(sessions) > 1:
             doc["variants"] = [self._describe(s) for s in sessions]
         return _json(request, doc)
+
+    # -- /healthz and /metrics ---------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET", "HEAD"], endpoint="healthz")
+    def healthz(self, request: Any) -> bytes:
+        """For Docker/procd/systemd checks: cheap, never touches an engine."""
+        doc: dict[str, Any] = {"serving": self.registry.accepting, "streams": len(self.registry)}
+        if self._orchestrator_status is not None:
+            o = self._orchestrator_status()
+            doc["orchestrator"] = {"reachable": o.get("reachable"), "status": o.get("status")}
+        return _json(request, doc, 200 if self.registry.accepting else 503)
+
+    @app.route("/metrics", methods=["GET"], endpoint="metrics")
+    def metrics_page(self, request: Any) -> bytes:
+        if self.metrics is None:
+            return _text(request, 404, "metrics are not enabled")
+        body, content_type = self.metrics.render()
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return body
 
     def _describe(self, session: EngineSession) -> dict:
         now = self._clock.seconds()

@@ -1,0 +1,107 @@
+"""
+Prometheus metrics (``prometheus_client``; nothing hand-written).
+
+Almost everything is read from the live objects at scrape time by one custom
+collector, so the streaming hot path pays nothing for metrics. The one thing
+that must be recorded as it happens — time to first byte — is a Histogram
+observed once per player.
+
+Each service has its own ``CollectorRegistry`` (not the global one), so several
+proxies in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+ORCHESTRATOR_STATES = ("healthy", "degraded", "unavailable")
+
+
+class _ProxyCollector(Collector):
+    def __init__(self, service: Any) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Any]:
+        svc = self._service
+        registry = svc.registry
+        sessions = list(registry)
+
+        yield _gauge("acexy_engine_sessions", "Engine sessions open now", len(sessions))
+        yield _counter("acexy_engine_sessions_started", "Engine sessions started", registry.sessions_started)
+        stopped = CounterMetricFamily(
+            "acexy_engine_sessions_stopped", "Engine sessions ended, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(registry.stopped.items()):
+            stopped.add_metric([reason], n)
+        yield stopped
+        yield _gauge("acexy_clients", "Players connected now", sum(len(s.sinks) for s in sessions))
+        yield _counter(
+            "acexy_bytes_sent", "Bytes sent to players", registry.bytes_out_closed + sum(s.bytes_out for s in sessions)
+        )
+        yield _counter("acexy_clients_cut", "Players cut for being too slow or stuck", svc.web.clients_cut)
+
+        waits = svc.waits
+        yield _gauge("acexy_held_players", "Players held (keepalive) waiting for an engine", waits.held_players)
+        yield _gauge("acexy_queue_length", "Contents held in the wait queue", len(waits.held))
+        yield _gauge("acexy_queue_size", "Players that may be held at once", waits.size)
+
+        placement = svc.placement
+        yield _counter("acexy_fallbacks", "Streams placed on the fallback engine (orchestrator unreachable)", placement.fallbacks)
+        attempts = CounterMetricFamily(
+            "acexy_provision_attempts", "Provisioning requests, by result", labels=["result"]
+        )
+        for result, n in sorted(placement.provision_attempts.items()):
+            attempts.add_metric([result], n)
+        yield attempts
+
+        monitor = svc.monitor
+        if monitor is None:
+            return
+        yield _gauge("acexy_orchestrator_reachable", "The orchestrator answered its last status poll", 1 if monitor.reachable else 0)
+        snap = monitor.snapshot
+        if snap is None:
+            return
+        state = GaugeMetricFamily("acexy_orchestrator_status", "Orchestrator status (1 = current)", labels=["status"])
+        for name in ORCHESTRATOR_STATES:
+            state.add_metric([name], 1 if snap.status == name else 0)
+        yield state
+        yield _gauge("acexy_orchestrator_can_provision", "The orchestrator can provision engines", 1 if snap.can_provision else 0)
+        yield _gauge("acexy_orchestrator_vpn_connected", "The VPN is up (or not in use)", 0 if snap.vpn_down else 1)
+        capacity = GaugeMetricFamily("acexy_orchestrator_capacity", "Orchestrator engine capacity", labels=["kind"])
+        capacity.add_metric(["total"], snap.capacity_total)
+        capacity.add_metric(["used"], snap.capacity_used)
+        capacity.add_metric(["available"], snap.capacity_available)
+        yield capacity
+        age = monitor.age()
+        if age is not None:
+            yield _gauge("acexy_orchestrator_snapshot_age_seconds", "Age of the last status snapshot", age)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class Metrics:
+    def __init__(self, service: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_ProxyCollector(service))
+        self.time_to_first_byte = Histogram(
+            "acexy_time_to_first_byte_seconds",
+            "From a player's request to its first byte (video or keepalive)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+
+    def first_byte(self, sink: Any) -> None:
+        self.time_to_first_byte.observe(max(0.0, sink.first_byte_at - sink.connected_at))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
