@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
+import tempfile
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -53,8 +55,8 @@ def self_signed(directory: str) -> tuple[str, bytes]:
 
 class TLSTests(TestCase):
     async def test_players_can_stream_over_https(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
         pem, cert_pem = self_signed(directory)
         engine = sim_engine(self, bitrate=2_000_000)
         proxy = await start_proxy(self, engine, listen=f"ssl:0:privateKey={pem}:interface=127.0.0.1")
@@ -74,8 +76,8 @@ class TLSTests(TestCase):
         self.assertEqual(data[PACKET_SIZE], 0x47)
 
     async def test_a_client_that_does_not_trust_the_certificate_is_refused(self) -> None:
-        directory = self.mktemp()
-        os.makedirs(directory)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
         pem, _ = self_signed(directory)
         engine = sim_engine(self, bitrate=2_000_000)
         proxy = await start_proxy(self, engine, listen=f"ssl:0:privateKey={pem}:interface=127.0.0.1")
