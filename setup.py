@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/x-rst",
     python_requires=">=3.10",
     packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/acexy_plugin.py"]},
+    package_data={"twisted": ["plugins/acexy_plugin.py"], "acexy_tw.web": ["dashboard.html"]},
     setup_requires=["incremental>=24.7.2"],
     install_requires=[
         "incremental>=24.7.2",

@@ -187,6 +187,7 @@ def test_wheel_ships_only_the_plugin_under_twisted_and_it_loads(tmp_path):
     under_twisted = [n for n in names if n.startswith("twisted/")]
     assert under_twisted == ["twisted/plugins/acexy_plugin.py"], under_twisted
     assert not any(n.startswith("tests/") for n in names)
+    assert "acexy_tw/web/dashboard.html" in names  # package data: the dashboard page
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],

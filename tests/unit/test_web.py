@@ -105,3 +105,14 @@ class StatusRouteTests(SynchronousTestCase):
         c = p.connect(b"/ace/status?id=" + CID.encode())
         self.assertEqual(c.status(), 404)
         self.assertIn(b"Stream not found", c.value())
+
+
+class DashboardRouteTests(SynchronousTestCase):
+    def test_dashboard_is_served_at_the_root_with_a_strict_policy(self) -> None:
+        p = Proxy()
+        c = p.connect(b"/")
+        self.assertEqual(c.status(), 200)
+        head = c.value().partition(b"\r\n\r\n")[0].lower()
+        self.assertIn(b"content-type: text/html", head)
+        self.assertIn(b"content-security-policy:", head)
+        self.assertIn(b"<html", c.body().lower())
