@@ -233,12 +233,30 @@ class EngineClient:
     def start(self, key: ContentKey) -> Deferred[PlaybackInfo]:
         """Ask the engine for a playback session (``format=json``, fresh pid)."""
         return bounded(
-            Deferred.fromCoroutine(self._start(key)), self.timeout, self._clock, "getstream"
+            Deferred.fromCoroutine(self._start(key, "getstream")), self.timeout, self._clock, "getstream"
         )
 
-    async def _start(self, key: ContentKey) -> PlaybackInfo:
+    def start_hls(self, key: ContentKey) -> Deferred[PlaybackInfo]:
+        """An HLS session: ``playback_url`` is the engine's live playlist."""
+        return bounded(
+            Deferred.fromCoroutine(self._start(key, "manifest.m3u8")), self.timeout, self._clock, "manifest.m3u8"
+        )
+
+    def fetch(self, url: str) -> Deferred[tuple[int, bytes]]:
+        """A small document from the engine (an HLS playlist): status and body."""
+        return bounded(Deferred.fromCoroutine(self._fetch(url)), self.timeout, self._clock, "playlist")
+
+    async def _fetch(self, url: str) -> tuple[int, bytes]:
+        response = await self._get(url)
+        return response.code, await read_body(response)
+
+    def get(self, url: str) -> Deferred[IResponse]:
+        """A response whose body the caller reads (an HLS segment), headers bounded."""
+        return bounded(self._get(url), self.timeout, self._clock, "segment")
+
+    async def _start(self, key: ContentKey, route: str) -> PlaybackInfo:
         query = [("format", "json"), *key.engine_params(), ("pid", uuid.uuid4().hex)]
-        url = f"{self.address.url}/ace/getstream?{urlencode(query)}"
+        url = f"{self.address.url}/ace/{route}?{urlencode(query)}"
         response = await self._get(url)
         body = await read_body(response)
         return self._parse_start(response.code, body)

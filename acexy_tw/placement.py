@@ -68,6 +68,15 @@ class Reservation:
     stream_id: Optional[str] = None  # known once the engine accepted: "<key>|<playback_session_id>"
 
 
+def _slot(key: ContentKey, hls: bool) -> Any:
+    """Reservations of TS and HLS sessions of one content are separate."""
+    return ("hls", key) if hls else key
+
+
+def _start(engine: EngineClient, key: ContentKey, hls: bool) -> Deferred:
+    return engine.start_hls(key) if hls else engine.start(key)
+
+
 def stream_id_for(key: ContentKey, info: PlaybackInfo) -> str:
     return f"{key.value}|{info.playback_session_id}"
 
@@ -99,7 +108,7 @@ class Placement:
         self.engine_ready_timeout = engine_ready_timeout
         self.ready_poll = ready_poll
         self.attempts = attempts
-        self.reservations: dict[ContentKey, Reservation] = {}
+        self.reservations: dict[Any, Reservation] = {}
         self.in_outage = False
         self.fallbacks = 0
         self.provision_attempts: dict[str, int] = {}
@@ -113,19 +122,20 @@ class Placement:
         *,
         avoid: frozenset = frozenset(),
         on_wait: Optional[Callable[[NoEngine], None]] = None,
+        hls: bool = False,
     ) -> tuple[EngineClient, PlaybackInfo]:
         """
         An engine that accepted a session for ``key``. ``avoid``: container ids
         not to use (a failover's dead engine). ``on_wait`` is told when
         provisioning backs off before a retry (the session keeps its players
-        alive meanwhile).
+        alive meanwhile). ``hls``: an HLS session (its own reservation).
         """
         if self.orchestrator is None:
-            return self.fallback, await self.fallback.start(key)
+            return self.fallback, await _start(self.fallback, key, hls)
         try:
             engines = await self.orchestrator.engines()
         except OrchestratorUnavailable as e:
-            return await self._fall_back(key, e)
+            return await self._fall_back(key, e, hls)
         self._reachable()
         tried: set[str] = set()
         while True:
@@ -138,19 +148,19 @@ class Placement:
                 break
             engine = candidates[0]
             tried.add(engine.container_id)
-            started = await self._start_on(key, engine)
+            started = await self._start_on(key, engine, hls=hls)
             if started is not None:
                 return started
         engine = await self._provision(key, engines, on_wait)
         if engine is None:  # the orchestrator went away meanwhile
-            return await self._fall_back(key, OrchestratorUnavailable("no status"))
-        started = await self._start_on(key, engine, last=True)
+            return await self._fall_back(key, OrchestratorUnavailable("no status"), hls)
+        started = await self._start_on(key, engine, last=True, hls=hls)
         assert started is not None
         return started
 
-    def release(self, key: ContentKey) -> None:
+    def release(self, key: ContentKey, *, hls: bool = False) -> None:
         """The session for ``key`` ended: its engine slot is free again."""
-        self.reservations.pop(key, None)
+        self.reservations.pop(_slot(key, hls), None)
 
     def restarted(self, key: ContentKey, info: PlaybackInfo) -> None:
         """The session for ``key`` was started again on its engine (failover):
@@ -179,19 +189,19 @@ class Placement:
         return client
 
     async def _start_on(
-        self, key: ContentKey, engine: OrchestratedEngine, last: bool = False
+        self, key: ContentKey, engine: OrchestratedEngine, last: bool = False, hls: bool = False
     ) -> Optional[tuple[EngineClient, PlaybackInfo]]:
         """Start on ``engine`` (reserved first); None if it refused and others may not."""
         reservation = Reservation(engine.container_id)
-        self.reservations[key] = reservation  # before any await: concurrent placements see it
+        self.reservations[_slot(key, hls)] = reservation  # before any await: concurrent placements see it
         client = self.engine_for(engine)
         try:
-            info = await client.start(key)
+            info = await _start(client, key, hls)
         except ContentError:
-            self.release(key)
+            self.release(key, hls=hls)
             raise
         except EngineError as e:
-            self.release(key)
+            self.release(key, hls=hls)
             if last:
                 raise
             log.warn(
@@ -202,12 +212,12 @@ class Placement:
             )
             return None
         except BaseException:
-            self.release(key)
+            self.release(key, hls=hls)
             raise
         reservation.stream_id = stream_id_for(key, info)
         return client, info
 
-    async def _fall_back(self, key: ContentKey, error: Exception) -> tuple[EngineClient, PlaybackInfo]:
+    async def _fall_back(self, key: ContentKey, error: Exception, hls: bool = False) -> tuple[EngineClient, PlaybackInfo]:
         if not self.in_outage:
             log.warn(
                 "orchestrator unreachable ({error}): using the configured engine {url} until it answers",
@@ -216,7 +226,7 @@ class Placement:
             )
             self.in_outage = True
         self.fallbacks += 1
-        return self.fallback, await self.fallback.start(key)
+        return self.fallback, await _start(self.fallback, key, hls)
 
     def _reachable(self) -> None:
         if self.in_outage:

@@ -34,6 +34,7 @@ from acexy_tw.orchestrator.events import EventReporter
 from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.placement import Placement
 from acexy_tw.streaming.registry import SessionRegistry
+from acexy_tw.streaming.hls import HlsSessions
 from acexy_tw.streaming.session import EngineSession
 from acexy_tw.streaming.waiting import WaitQueue
 from acexy_tw.web.app import ProxyApp
@@ -191,6 +192,7 @@ class AcexyService(MultiService):
             failover_attempts=config.failover_attempts,
         )
         self.waits.prewarm = self.registry.prewarm
+        self.hls = HlsSessions(self.placement, reactor, linger=config.linger)
         self.web = ProxyApp(
             self.registry,
             reactor,
@@ -198,6 +200,8 @@ class AcexyService(MultiService):
             stuck_timeout=config.empty_timeout,
             orchestrator_status=self._orchestrator_status if self.orchestrator else None,
             waits=self.waits,
+            hls=self.hls,
+            m3u8=config.m3u8,
         )
         self.metrics = Metrics(self)
         self.web.metrics = self.metrics
@@ -317,6 +321,7 @@ class AcexyService(MultiService):
 
     async def _stop(self) -> None:
         await self._bounded(self.listener.stopService(), "listener")
+        self.hls.shutdown()
         await self._bounded(self.registry.shutdown(), "engine sessions")
         if self.events is not None:
             await self._bounded(self.events.flush(), "orchestrator events", 2.0)

@@ -20,6 +20,8 @@ from acexy_tw.content import BadRequest, parse_query
 from acexy_tw.engine import EngineError
 from acexy_tw.logs import get_logger
 from acexy_tw.engine import NoEngine
+from acexy_tw.engine import discard_body
+from acexy_tw.streaming.hls import HlsSessions, SegmentRelay
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.session import EngineSession, ShuttingDown
 from acexy_tw.streaming.sink import ClientSink
@@ -27,6 +29,7 @@ from acexy_tw.streaming.sink import ClientSink
 log = get_logger(__name__)
 
 TS_CONTENT_TYPE = b"video/MP2T"
+HLS_CONTENT_TYPE = b"application/vnd.apple.mpegurl"
 
 
 def _peer(request: Any) -> str:
@@ -63,6 +66,8 @@ class ProxyApp:
         orchestrator_status: Optional[Callable[[], dict]] = None,
         waits: Any = None,
         metrics: Any = None,
+        hls: Optional[HlsSessions] = None,
+        m3u8: bool = False,
     ) -> None:
         self.registry = registry
         self._clock = clock
@@ -72,6 +77,8 @@ class ProxyApp:
         self._orchestrator_status = orchestrator_status
         self._waits = waits
         self.metrics = metrics
+        self.hls = hls
+        self.m3u8 = m3u8
         self.started_at = clock.seconds()
         self.clients_cut = 0
 
@@ -88,6 +95,8 @@ class ProxyApp:
     @app.route("/ace/getstream", methods=["GET", "HEAD"], endpoint="getstream")
     @app.route("/ace/getstream/", methods=["GET", "HEAD"], endpoint="getstream_slash")
     async def getstream(self, request: Any) -> Optional[bytes]:
+        if self.m3u8:  # acexy's ACEXY_M3U8: getstream answers with an HLS playlist
+            return await self.manifest(request)
         try:
             key = parse_query(request.args)
         except BadRequest as e:
@@ -123,6 +132,57 @@ class ProxyApp:
             return _text(request, e.http_status, str(e))
         return None
 
+    # -- HLS -------------------------------------------------------------------------
+
+    @app.route("/ace/manifest.m3u8", methods=["GET", "HEAD"], endpoint="manifest")
+    async def manifest(self, request: Any) -> Optional[bytes]:
+        try:
+            key = parse_query(request.args)
+        except BadRequest as e:
+            return _text(request, 400, e.message)
+        if self.hls is None:
+            return _text(request, 404, "HLS is not enabled")
+        if request.method == b"HEAD":
+            request.setHeader(b"content-type", HLS_CONTENT_TYPE)
+            return b""
+        if not self.hls.accepting:
+            return _text(request, 503, "proxy is shutting down")
+        session = self.hls.for_key(key)
+        tokens = [t for t in request.args.get(b"token", []) if t]
+        query = "?token=" + tokens[0].decode("ascii", "replace") if tokens else ""
+        try:
+            await session.ready()
+            body = await session.playlist(f"/ace/hls/{session.sid}", query)
+        except NoEngine as e:  # never held: a playlist client retries by itself
+            if e.retry_after is not None:
+                request.setHeader(b"retry-after", str(e.retry_after).encode())
+            return _json(request, e.as_json(), e.http_status)
+        except EngineError as e:
+            return _text(request, e.http_status, str(e))
+        request.setHeader(b"content-type", HLS_CONTENT_TYPE)
+        request.setHeader(b"cache-control", b"no-cache, no-store")
+        return body
+
+    @app.route("/ace/hls/<string:sid>/<string:name>", methods=["GET"], endpoint="segment")
+    async def segment(self, request: Any, sid: str, name: str) -> Optional[bytes]:
+        session = self.hls.by_sid(sid) if self.hls is not None else None
+        url = session.segment_url(name) if session is not None else None
+        if session is None or url is None or session.engine is None:
+            return _text(request, 404, "unknown HLS segment")
+        session.touch()
+        try:
+            response = await session.engine.get(url)
+        except EngineError as e:
+            return _text(request, e.http_status, str(e))
+        if response.code != 200:
+            discard_body(response)
+            return _text(request, 404 if response.code == 404 else 502, f"engine segment answered {response.code}")
+        request.setHeader(b"content-type", TS_CONTENT_TYPE)
+        relay = SegmentRelay(request, session)
+        response.deliverBody(relay)
+        await relay.done
+        return None
+
     # -- /ace/status ---------------------------------------------------------------
 
     @app.route("/ace/status", methods=["GET"], endpoint="status")
@@ -143,6 +203,20 @@ class ProxyApp:
             if self._waits is not None:
                 doc["held"] = self._waits.describe()
             doc["sessions"] = [self._describe(s) for s in sessions]
+            if self.hls is not None:
+                now = self._clock.seconds()
+                doc["hls"] = [
+                    {
+                        "key": str(h.key),
+                        "state": h.state,
+                        "engine": h.engine.address.url if h.engine else None,
+                        "polls": h.polls,
+                        "segments": h.segments_served,
+                        "bytes_out": h.bytes_out,
+                        "last_poll": round(now - h.last_poll, 1),
+                    }
+                    for h in self.hls
+                ]
             return _json(request, doc)
         wanted = ids[0].decode("utf-8", "replace")
         sessions = self.registry.find(wanted)
@@ -154,6 +228,17 @@ class ProxyApp:
         if len(sessions) > 1:
             doc["variants"] = [self._describe(s) for s in sessions]
         return _json(request, doc)
+
+    # -- the dashboard -----------------------------------------------------------------
+
+    @app.route("/", methods=["GET"], endpoint="dashboard")
+    def dashboard(self, request: Any) -> bytes:
+        from acexy_tw.web import dashboard
+
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"content-security-policy", dashboard.content_security_policy().encode("ascii"))
+        return dashboard.page()
 
     # -- /healthz and /metrics ---------------------------------------------------------
 
