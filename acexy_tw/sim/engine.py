@@ -23,6 +23,26 @@ Like a real engine inside Docker, the URLs it hands out carry its *advertised*
 address (``advertise_host:advertise_port``, default ``127.0.0.1:6878``), not the
 one it listens on, so a proxy has to rewrite them.
 
+HLS (see :mod:`acexy_tw.sim.hls` for the timeline and segments):
+
+- ``GET /ace/manifest.m3u8?format=json&<selector>=...`` starts a session like
+  getstream (same JSON, same getstream knobs; recorded in
+  :attr:`SimEngine.manifest_calls`, not ``getstream_calls``), but its
+  ``playback_url`` is ``http://<advertised>/ace/m/<infohash>/<token>.m3u8``.
+  Without ``format=json`` the answer is 404, unless the engine was made with
+  ``hls_direct=True``: then it starts (or, for the same infohash and ``pid``,
+  reuses) a session and serves its playlist directly, as a real engine does;
+- ``GET /ace/m/<infohash>/<token>.m3u8``: a live media playlist of the newest
+  ``hls_window`` segments, as absolute URLs on the advertised address,
+  ``application/vnd.apple.mpegurl``; counted in ``SimSession.manifest_requests``;
+- ``GET /ace/c/<infohash>/<n>.ts``: segment ``n`` of the content's live stream,
+  ``hls_segment_duration`` seconds of MPEG-TS (``video/MP2T``) at ``bitrate``
+  (4 Mbit/s when flat out); 404 when too old, not complete yet, or once no
+  HLS session of that infohash is active (after stop).
+
+Knobs: ``Behaviour.manifest_status``/``manifest_delay`` (playlist),
+``segment_status``/``segment_delay`` (segments).
+
 The reactor is always passed in; this module never imports the global one
 except in :func:`main`.
 """
@@ -46,15 +66,19 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from acexy_tw.sim.conditions import Conditions
+from acexy_tw.sim.hls import MIN_SEGMENT_DURATION, HlsStream
 from acexy_tw.sim.model import Behaviour, SimSession
 from acexy_tw.sim.playback import PlaybackStream
+from acexy_tw.sim.tsgen import FLAT_OUT_NOMINAL_BITRATE
 
-__all__ = ["SimEngine", "Behaviour", "SimSession", "PlaybackStream", "parse_bitrate", "main"]
+__all__ = ["SimEngine", "Behaviour", "SimSession", "PlaybackStream", "HlsStream", "parse_bitrate", "main"]
 
 #: query parameters that select the content, in the order they are honoured
 SELECTORS = ("content_id", "id", "infohash", "url", "magnet")
 UNKNOWN_SESSION = "unknown playback session id"
 VERSION_INFO = {"code": 3020300, "platform": "linux", "version": "3.2.3"}
+PLAYLIST_TYPE = b"application/vnd.apple.mpegurl"
+SEGMENT_NAME = re.compile(r"^(\d{1,12})\.ts$")
 
 Predicate = Callable[["SimEngine"], bool]
 
@@ -210,6 +234,12 @@ class _EngineResource(Resource):
     def _route(self, path: List[str]) -> Optional[Tuple[Callable[..., int], Sequence[str]]]:
         if path == ["ace", "getstream"]:
             return self._getstream, ()
+        if path == ["ace", "manifest.m3u8"]:
+            return self._manifest, ()
+        if len(path) == 4 and path[:2] == ["ace", "m"] and path[3].endswith(".m3u8"):
+            return self._playlist, (path[2], path[3][: -len(".m3u8")])
+        if len(path) == 4 and path[:2] == ["ace", "c"]:
+            return self._segment, path[2:]
         if len(path) == 4 and path[:2] == ["ace", "r"]:
             return self._playback, path[2:]
         if len(path) == 4 and path[:2] == ["ace", "stat"]:
@@ -220,44 +250,156 @@ class _EngineResource(Resource):
             return self._service, ()
         if path == ["server", "api"]:
             return self._server_api, ()
-        return None  # includes /ace/manifest.m3u8: HLS is not simulated
+        return None
 
     # getstream ----------------------------------------------------------------
 
     def _getstream(self, request: Request) -> int:
-        engine = self._engine
         params = _query(request)
+        self._engine.getstream_calls.append(params)
+        return self._start(request, params, hls=False, direct=False)
+
+    def _manifest(self, request: Request) -> int:
+        params = _query(request)
+        direct = params.get("format") != "json"
+        if direct and not self._engine.hls_direct:
+            _send_text(request, 404)
+            return NOT_DONE_YET
+        self._engine.manifest_calls.append(params)
+        return self._start(request, params, hls=True, direct=direct)
+
+    def _start(self, request: Request, params: Dict[str, str], *, hls: bool, direct: bool) -> int:
+        """getstream and manifest.m3u8: start a session, after the getstream knobs."""
+        engine = self._engine
         behaviour = copy(engine.behaviour)
-        engine.getstream_calls.append(params)
         engine._changed()
         return engine._answers.answer(
             request,
-            lambda: self._answer_getstream(request, params, behaviour),
+            lambda: self._answer_start(request, params, behaviour, hls, direct),
             delay=behaviour.json_delay,
             hang=behaviour.json_hang,
         )
 
-    def _answer_getstream(self, request: Request, params: Dict[str, str], behaviour: Behaviour) -> None:
+    def _answer_start(
+        self, request: Request, params: Dict[str, str], behaviour: Behaviour, hls: bool, direct: bool
+    ) -> None:
+        engine = self._engine
         if behaviour.getstream_status != 200:
             _send_text(request, behaviour.getstream_status)
             return
         if behaviour.json_error is not None:
-            _send_json(request, _error(behaviour.json_error))
+            if direct:
+                _send_text(request, 500, behaviour.json_error)
+            else:
+                _send_json(request, _error(behaviour.json_error))
             return
         selector = next((name for name in SELECTORS if params.get(name)), None)
         if selector is None:
-            _send_json(request, _error("missing content id"))
+            if direct:
+                _send_text(request, 400, "missing content id")
+            else:
+                _send_json(request, _error("missing content id"))
             return
-        session = self._engine._open_session(selector, params[selector], params)
-        _send_json(request, {"response": self._engine.session_urls(session), "error": None})
+        if direct:
+            session = engine._reuse_hls_session(selector, params[selector], params.get("pid"))
+            if session is None:
+                session = engine._open_session(selector, params[selector], params, hls=True)
+            self._count_playlist_request(session)
+            self._serve_playlist(request, session, behaviour)
+            return
+        session = engine._open_session(selector, params[selector], params, hls=hls)
+        _send_json(request, {"response": engine.session_urls(session), "error": None})
+
+    # HLS playlist and segments ------------------------------------------------
+
+    def _playlist(self, request: Request, infohash: str, token: str) -> int:
+        engine = self._engine
+        session = engine._session_for(infohash, token)
+        if session is None or not session.hls:
+            _send_text(request, 404)
+            return NOT_DONE_YET
+        self._count_playlist_request(session)
+        if session.stopped:
+            _send_text(request, 404)
+            return NOT_DONE_YET
+        behaviour = copy(engine.behaviour)
+        return engine._answers.answer(
+            request,
+            lambda: self._serve_playlist(request, session, behaviour),
+            delay=behaviour.manifest_delay,
+            hang=False,
+        )
+
+    def _count_playlist_request(self, session: SimSession) -> None:
+        engine = self._engine
+        session.manifest_requests += 1
+        session.last_manifest_at = engine.reactor.seconds()
+        engine.manifest_requests += 1
+        engine._changed()
+
+    def _serve_playlist(self, request: Request, session: SimSession, behaviour: Behaviour) -> None:
+        engine = self._engine
+        stream = engine.hls_streams.get(session.infohash)
+        if session.stopped or stream is None:
+            _send_text(request, 404)
+        elif behaviour.manifest_status != 200:
+            _send_text(request, behaviour.manifest_status)
+        else:
+            body = stream.playlist(engine.reactor.seconds(), engine.advertised_base)
+            _send(request, 200, PLAYLIST_TYPE, body.encode())
+
+    def _segment(self, request: Request, infohash: str, name: str) -> int:
+        engine = self._engine
+        infohash = infohash.lower()
+        match = SEGMENT_NAME.match(name)
+        engine.segment_requests += 1
+        stream = engine.hls_streams.get(infohash)
+        if stream is not None:
+            stream.segment_requests += 1
+            for session in engine._hls_sessions(infohash):
+                session.segment_requests += 1
+        engine._changed()
+        if match is None or stream is None:
+            _send_text(request, 404)
+            return NOT_DONE_YET
+        behaviour = copy(engine.behaviour)
+        return engine._answers.answer(
+            request,
+            lambda: self._serve_segment(request, infohash, int(match.group(1)), behaviour),
+            delay=behaviour.segment_delay,
+            hang=False,
+        )
+
+    def _serve_segment(self, request: Request, infohash: str, n: int, behaviour: Behaviour) -> None:
+        engine = self._engine
+        stream = engine.hls_streams.get(infohash)
+        if stream is None:  # stopped while the answer was delayed
+            _send_text(request, 404)
+            return
+        if behaviour.segment_status != 200:
+            _send_text(request, behaviour.segment_status)
+            return
+        data = stream.segment(n, engine.reactor.seconds())
+        if data is None:
+            _send_text(request, 404)
+            return
+        if not _connected(request):
+            return
+        stream.segments_served += 1
+        stream.bytes_sent += len(data)
+        for session in engine._hls_sessions(infohash):
+            session.segments_served += 1
+            session.bytes_sent += len(data)
+        _send(request, 200, b"video/MP2T", data)
+        engine._changed()
 
     # playback -----------------------------------------------------------------
 
     def _playback(self, request: Request, infohash: str, token: str) -> int:
         engine = self._engine
         session = engine._session_for(infohash, token)
-        if session is None or session.stopped:
-            _send_text(request, 404)
+        if session is None or session.stopped or session.hls:
+            _send_text(request, 404)  # an HLS session plays through its playlist only
             return NOT_DONE_YET
         stream = PlaybackStream(
             request,
@@ -344,6 +486,14 @@ class SimEngine:
         or mutate ``engine.behaviour`` at any time.
     :param tick: seconds between writes of a rate-limited playback.
     :param chunk: bytes per write of a flat-out playback.
+    :param hls_segment_duration: seconds per HLS segment (>= 0.1; durations
+        are rounded up to the 80 ms PSI cadence, so 2.0 is exact and 0.3
+        gives 0.32/0.32/0.32/0.24 s); read when a content's HLS stream starts.
+    :param hls_window: segments listed by an HLS playlist; segments stay
+        fetchable while among the newest ``2 * hls_window``.
+    :param hls_direct: serve ``/ace/manifest.m3u8`` without ``format=json``
+        as a playlist (reusing the session of the same infohash and pid)
+        instead of answering 404.
     """
 
     def __init__(
@@ -356,7 +506,14 @@ class SimEngine:
         behaviour: Optional[Behaviour] = None,
         tick: float = 0.025,
         chunk: int = 64 * 1024,
+        hls_segment_duration: float = 2.0,
+        hls_window: int = 4,
+        hls_direct: bool = False,
     ) -> None:
+        if hls_segment_duration < MIN_SEGMENT_DURATION:
+            raise ValueError(f"hls_segment_duration must be at least {MIN_SEGMENT_DURATION} s")
+        if hls_window < 1:
+            raise ValueError("hls_window must be at least 1")
         self.reactor = reactor
         self.bitrate = bitrate
         self.advertise_host = advertise_host
@@ -364,8 +521,21 @@ class SimEngine:
         self.behaviour = behaviour if behaviour is not None else Behaviour()
         self.tick = tick
         self.chunk = chunk
+        self.hls_segment_duration = hls_segment_duration
+        self.hls_window = hls_window
+        self.hls_direct = hls_direct
         #: the query parameters of every getstream, in arrival order
         self.getstream_calls: List[Dict[str, str]] = []
+        #: the query parameters of every ``/ace/manifest.m3u8`` that was not
+        #: refused with 404, in arrival order
+        self.manifest_calls: List[Dict[str, str]] = []
+        #: playlist requests of any HLS session (even a stopped one; any
+        #: status), plus direct ``/ace/manifest.m3u8`` playlists
+        self.manifest_requests = 0
+        #: ``/ace/c/...`` segment requests, any status
+        self.segment_requests = 0
+        #: the live HLS stream of each content with an active HLS session
+        self.hls_streams: Dict[str, HlsStream] = {}
         #: every session, by playback_session_id (stopped ones stay)
         self.sessions: Dict[str, SimSession] = {}
         #: stop commands received, for any session, answered or not
@@ -454,7 +624,8 @@ class SimEngine:
 
     @property
     def pending_answers(self) -> int:
-        """getstream/stop requests waiting for a delayed or hung answer."""
+        """getstream/manifest/stop/playlist/segment requests waiting for a
+        delayed or hung answer."""
         return len(self._answers)
 
     @property
@@ -473,12 +644,23 @@ class SimEngine:
 
     # --- sessions ------------------------------------------------------------------
 
+    @property
+    def advertised_base(self) -> str:
+        """``http://<advertise_host>:<advertise_port>``."""
+        return f"http://{self.advertise_host}:{self.advertise_port}"
+
+    @property
+    def hls_bitrate(self) -> int:
+        """bit/s of HLS segments: :attr:`bitrate`, or 4 Mbit/s when flat out."""
+        return self.bitrate if self.bitrate is not None else FLAT_OUT_NOMINAL_BITRATE
+
     def session_urls(self, session: SimSession) -> dict:
-        """The getstream ``response`` object, with advertised URLs."""
-        base = f"http://{self.advertise_host}:{self.advertise_port}/ace"
+        """The getstream (or manifest.m3u8) ``response`` object, with advertised URLs."""
+        base = f"{self.advertised_base}/ace"
         tail = f"{session.infohash}/{session.token}"
+        playback = f"{base}/m/{tail}.m3u8" if session.hls else f"{base}/r/{tail}"
         return {
-            "playback_url": f"{base}/r/{tail}",
+            "playback_url": playback,
             "stat_url": f"{base}/stat/{tail}",
             "command_url": f"{base}/cmd/{tail}",
             "infohash": session.infohash,
@@ -509,14 +691,17 @@ class SimEngine:
             "client_session_id": -1,
         }
 
-    def _open_session(self, selector: str, value: str, params: Dict[str, str]) -> SimSession:
+    @staticmethod
+    def _infohash(selector: str, value: str) -> str:
+        if selector == "infohash":
+            return value.lower()
+        key = value.lower() if selector in ("content_id", "id") else value
+        return hashlib.sha1(key.encode("utf-8")).hexdigest()
+
+    def _open_session(self, selector: str, value: str, params: Dict[str, str], *, hls: bool = False) -> SimSession:
         if selector == "id":
             selector = "content_id"
-        if selector == "infohash":
-            infohash = value.lower()
-        else:
-            key = value.lower() if selector == "content_id" else value
-            infohash = hashlib.sha1(key.encode("utf-8")).hexdigest()
+        infohash = self._infohash(selector, value)
         session = SimSession(
             playback_session_id=secrets.token_hex(20),
             selector=selector,
@@ -526,11 +711,32 @@ class SimEngine:
             pid=params.get("pid"),
             params=dict(params),
             created_at=self.reactor.seconds(),
+            hls=hls,
         )
         self.sessions[session.playback_session_id] = session
         self._by_token[session.token] = session
+        if hls and infohash not in self.hls_streams:
+            self.hls_streams[infohash] = HlsStream(
+                infohash,
+                bitrate=self.hls_bitrate,
+                segment_duration=self.hls_segment_duration,
+                window=self.hls_window,
+                started_at=self.reactor.seconds(),
+            )
         self._changed()
         return session
+
+    def _hls_sessions(self, infohash: str) -> List[SimSession]:
+        """Active HLS sessions of a content."""
+        return [s for s in self.sessions.values() if s.hls and not s.stopped and s.infohash == infohash]
+
+    def _reuse_hls_session(self, selector: str, value: str, pid: Optional[str]) -> Optional[SimSession]:
+        """The newest active HLS session of this content and pid (direct manifest mode)."""
+        infohash = self._infohash(selector, value)
+        for session in reversed(self._hls_sessions(infohash)):
+            if session.pid == pid:
+                return session
+        return None
 
     def _session_for(self, infohash: str, token: str) -> Optional[SimSession]:
         session = self._by_token.get(token)
@@ -544,6 +750,10 @@ class SimEngine:
         session.stopped = True
         for stream in session.open_playbacks:
             stream.stop()
+        if session.hls and not self._hls_sessions(session.infohash):
+            hls = self.hls_streams.pop(session.infohash, None)
+            if hls is not None:
+                hls.discard()
         self._changed()
 
 
@@ -574,6 +784,10 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--advertise-host", default="127.0.0.1", help="host in the URLs handed out")
     parser.add_argument("--advertise-port", type=int, default=6878, help="port in the URLs handed out")
     parser.add_argument("--prebuffer", type=float, default=0.0, help="seconds before playback headers")
+    parser.add_argument("--hls-segment", type=float, default=2.0, help="seconds per HLS segment")
+    parser.add_argument(
+        "--hls-direct", action="store_true", help="serve /ace/manifest.m3u8 without format=json as a playlist"
+    )
     return parser.parse_args(argv)
 
 
@@ -590,6 +804,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         advertise_host=args.advertise_host,
         advertise_port=args.advertise_port,
         behaviour=Behaviour(playback_delay=args.prebuffer),
+        hls_segment_duration=args.hls_segment,
+        hls_direct=args.hls_direct,
     )
     engine.listen(args.port, args.interface)
     reactor.addSystemEventTrigger("before", "shutdown", engine.close)

@@ -48,6 +48,17 @@ class Behaviour:
     #: send exactly this many bytes, then reset the TCP connection
     reset_after: Optional[int] = None
 
+    # HLS (``/ace/manifest.m3u8`` starts a session like getstream and obeys
+    # the getstream knobs above; these are for its playlist and segments)
+    #: a status other than 200 makes the playlist ``/ace/m/...m3u8`` answer a plain-text error page
+    manifest_status: int = 200
+    #: seconds to wait before answering a playlist request
+    manifest_delay: float = 0.0
+    #: a status other than 200 makes a segment ``/ace/c/...ts`` answer a plain-text error page
+    segment_status: int = 200
+    #: seconds to wait before answering a segment request
+    segment_delay: float = 0.0
+
     # stop command
     #: a status other than 200 makes stop fail (the session keeps running)
     stop_status: int = 200
@@ -74,12 +85,27 @@ class SimSession:
     stopped: bool = False
     #: stop commands received for this session (answered or not)
     stop_commands: int = 0
-    #: bytes written to all of its playback connections
+    #: bytes written to all of its playback connections (and, for an HLS
+    #: session, segment bytes of its content served while it was active)
     bytes_sent: int = 0
     #: playback connections that the client closed
     closed_by_peer: int = 0
     #: every playback request, open or ended, in arrival order
     playbacks: List["PlaybackStream"] = field(default_factory=list)
+    #: started by ``/ace/manifest.m3u8`` (its playback_url is a playlist)
+    hls: bool = False
+    #: requests of its playlist ``/ace/m/<infohash>/<token>.m3u8``, counted on
+    #: arrival whatever the answer (also after stop), plus direct
+    #: ``/ace/manifest.m3u8`` requests it answered
+    manifest_requests: int = 0
+    #: reactor time of the last playlist request, or None
+    last_manifest_at: Optional[float] = None
+    #: segment requests ``/ace/c/<infohash>/<n>.ts`` for its content while it
+    #: was active (any status; segments belong to the content, so every active
+    #: HLS session of the same infohash counts them)
+    segment_requests: int = 0
+    #: of those, segments answered with their bytes
+    segments_served: int = 0
 
     @property
     def open_playbacks(self) -> List["PlaybackStream"]:

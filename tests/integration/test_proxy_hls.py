@@ -1,0 +1,137 @@
+"""HLS through the proxy against the simulated engine (real sockets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from acexy_tw.sim.orchestrator import SimOrchestrator
+from tests.integration.harness import CID, get_text, http_client, reactor, sim_engine, start_proxy, wait_until, within
+
+
+def hls_engine(test: TestCase):
+    return sim_engine(test, bitrate=1_000_000, hls_segment_duration=0.5)
+
+
+def segment_lines(playlist: str) -> list[str]:
+    return [line for line in playlist.splitlines() if line and not line.startswith("#")]
+
+
+class HlsTests(TestCase):
+    async def test_playlist_is_rewritten_to_proxy_segments_that_are_ts(self) -> None:
+        engine = hls_engine(self)
+        proxy = await start_proxy(self, engine)
+        code, playlist = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
+        self.assertEqual(code, 200, playlist)
+        self.assertTrue(playlist.startswith("#EXTM3U"))
+        segments = segment_lines(playlist)
+        self.assertTrue(segments)
+        for line in segments:
+            self.assertTrue(line.startswith("/ace/hls/"), line)  # no engine address leaks to players
+            self.assertNotIn("6878", line)
+        client = http_client(self)
+        response = await within(client.get(proxy.url(segments[-1])))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"video/MP2T"])
+        body = await within(response.content())
+        self.assertGreater(len(body), 188 * 10)
+        self.assertEqual(body[0], 0x47)
+        self.assertEqual(len(engine.manifest_calls), 1)
+
+    async def test_players_of_one_content_share_one_engine_hls_session(self) -> None:
+        engine = hls_engine(self)
+        proxy = await start_proxy(self, engine)
+        for _ in range(3):
+            code, _ = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
+            self.assertEqual(code, 200)
+        self.assertEqual(len(engine.manifest_calls), 1)
+
+    async def test_session_is_stopped_when_no_longer_polled(self) -> None:
+        engine = hls_engine(self)
+        proxy = await start_proxy(self, engine, linger="300ms")
+        code, _ = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
+        self.assertEqual(code, 200)
+        hls = proxy.service.hls
+        self.assertEqual(len(hls), 1)
+        await within(engine.when(lambda e: e.stop_count == 1))  # after max(linger, 3 x target duration)
+        self.assertEqual(len(hls), 0)
+
+    async def test_unknown_segment_is_404(self) -> None:
+        engine = hls_engine(self)
+        proxy = await start_proxy(self, engine)
+        code, _ = await get_text(self, proxy.url("/ace/hls/nope/1.ts"))
+        self.assertEqual(code, 404)
+
+    async def test_ffmpeg_reads_the_live_stream_through_the_proxy(self) -> None:
+        if shutil.which("ffmpeg") is None:
+            self.skipTest("ffmpeg is not installed")
+        engine = hls_engine(self)
+        proxy = await start_proxy(self, engine)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        out = os.path.join(directory, "capture.ts")
+        _, err, code = await within(
+            getProcessOutputAndValue(
+                "ffmpeg",
+                ["-v", "error", "-y", "-i", proxy.url(f"/ace/manifest.m3u8?id={CID}"), "-t", "2", "-c", "copy", "-f", "mpegts", out],
+                env=os.environ,
+            ),
+            60,
+        )
+        self.assertEqual(code, 0, err)
+        probe, err, code = await within(
+            getProcessOutputAndValue(
+                "ffprobe", ["-v", "error", "-show_format", "-show_streams", "-of", "json", out], env=os.environ
+            ),
+            30,
+        )
+        self.assertEqual(code, 0, err)
+        doc = json.loads(probe)
+        self.assertIn("mpegts", doc["format"]["format_name"])
+        self.assertGreaterEqual(engine.segment_requests, 2)
+
+    async def test_acexy_m3u8_serves_getstream_as_hls(self) -> None:
+        engine = hls_engine(self)
+        proxy = await start_proxy(self, engine, m3u8="true")
+        code, playlist = await get_text(self, proxy.url(f"/ace/getstream?id={CID}"))
+        self.assertEqual(code, 200)
+        self.assertTrue(playlist.startswith("#EXTM3U"))
+        self.assertEqual(engine.getstream_calls, [])
+
+    async def test_token_is_carried_into_segment_urls(self) -> None:
+        engine = hls_engine(self)
+        proxy = await start_proxy(self, engine, token="hls-token-123")
+        code, playlist = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}&token=hls-token-123"))
+        self.assertEqual(code, 200)
+        segment = segment_lines(playlist)[-1]
+        self.assertTrue(segment.endswith("?token=hls-token-123"))
+        code, _ = await get_text(self, proxy.url(segment))
+        self.assertEqual(code, 200)
+        code, _ = await get_text(self, proxy.url(segment.split("?")[0]))
+        self.assertEqual(code, 401)
+
+
+class HlsNeverHeldTests(TestCase):
+    async def test_blocked_orchestrator_is_a_503_with_retry_after_not_a_hold(self) -> None:
+        orch = SimOrchestrator(reactor, api_key="k-hls-0000")
+        orch.listen(0, "127.0.0.1")
+        self.addCleanup(lambda: within(orch.shutdown()))
+        orch.set_vpn(connected=False)
+        fallback = hls_engine(self)
+        proxy = await start_proxy(self, fallback, orch_url=orch.url, orch_apikey="k-hls-0000")
+        await wait_until(lambda: proxy.service.monitor.reachable is not None, "the first status poll")
+        client = http_client(self)
+        started = reactor.seconds()
+        response = await within(client.get(proxy.url(f"/ace/manifest.m3u8?id={CID}")))
+        body = await within(response.content())
+        self.assertLess(reactor.seconds() - started, 2)
+        self.assertEqual(response.code, 503)
+        self.assertTrue(response.headers.getRawHeaders(b"retry-after"))
+        self.assertEqual(json.loads(body)["code"], "vpn_disconnected")
+        self.assertEqual(orch.provision_calls, [])
+        self.assertEqual(proxy.service.waits.held_players, 0)
