@@ -270,3 +270,126 @@ async def read_engine_directly(test: Any, engine: SimEngine, content_id: str) ->
     reader = await Player.open(test, engine.url + path)
     await reader.when_ended()
     return bytes(reader.received)
+
+
+
+class TSPlayer(Player):
+    """
+    A :class:`Player` that classifies the MPEG-TS it receives, packet by
+    packet, and remembers when each byte arrived: counts of null and real
+    (non-null) packets, the offset of the first real packet, the arrival
+    times of the chunks that carried null packets, and whether every packet
+    started with the sync byte. Tests wait on any predicate over it with
+    :meth:`when`.
+
+    (Real streams carry null packets too — the simulator pads to its
+    bitrate — so "real" means "not a null packet", and a keepalive run is
+    told from content by where it sits, not by its bytes.)
+    """
+
+    def __init__(self, limit: Optional[int] = None) -> None:
+        super().__init__(limit)
+        #: (end offset, reactor time) of every chunk received
+        self.arrivals: list[tuple[int, float]] = []
+        #: arrival time of every chunk that carried at least one null packet
+        self.null_arrivals: list[float] = []
+        self.null_packets = 0
+        self.real_packets = 0
+        #: packets that did not start with the sync byte 0x47
+        self.bad_packets = 0
+        #: byte offset of the first non-null packet, once there is one
+        self.first_real_offset: Optional[int] = None
+        self._scanned = 0
+        self._conditions: list[tuple[Callable[["TSPlayer"], bool], str, Deferred]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        now = reactor.seconds()
+        self.arrivals.append((len(self.received), now))
+        self._classify(now)
+        for entry in list(self._conditions):
+            predicate, _, d = entry
+            if entry in self._conditions and predicate(self):
+                self._conditions.remove(entry)
+                d.callback(self)
+
+    def _classify(self, now: float) -> None:
+        buf = self.received
+        saw_null = False
+        i = self._scanned
+        end = len(buf) - (PACKET - 1)
+        while i < end:
+            if buf[i] != 0x47:
+                self.bad_packets += 1
+            elif (buf[i + 1] & 0x1F) == 0x1F and buf[i + 2] == 0xFF:
+                self.null_packets += 1
+                saw_null = True
+            else:
+                self.real_packets += 1
+                if self.first_real_offset is None:
+                    self.first_real_offset = i
+            i += PACKET
+        self._scanned = i
+        if saw_null:
+            self.null_arrivals.append(now)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        conditions, self._conditions = self._conditions, []
+        for _, what, d in conditions:
+            d.errback(AssertionError(f"stream ended after {len(self.received)} bytes, waiting for {what}"))
+        super().connectionLost(reason)
+
+    def when(
+        self, predicate: Callable[["TSPlayer"], bool], what: str = "condition", seconds: float = TIMEOUT
+    ) -> Deferred:
+        """Fires (with the player) once ``predicate(player)`` holds; bounded."""
+        from twisted.internet.defer import fail
+
+        if predicate(self):
+            return succeed(self)
+        if self.ended.called:
+            return fail(AssertionError(f"stream already ended after {len(self.received)} bytes, waiting for {what}"))
+        d: Deferred = Deferred(lambda d: self._forget(d))
+        self._conditions.append((predicate, what, d))
+        return within(d, seconds)
+
+    def _forget(self, d: Deferred) -> None:
+        self._conditions = [c for c in self._conditions if c[2] is not d]
+
+    def when_real(self, packets: int = 1, seconds: float = TIMEOUT) -> Deferred:
+        return self.when(lambda p: p.real_packets >= packets, f"{packets} real TS packets", seconds)
+
+    def arrival_of(self, offset: int) -> float:
+        """When the byte at ``offset`` arrived."""
+        import bisect
+
+        i = bisect.bisect_right(self.arrivals, offset, key=lambda a: a[0])
+        return self.arrivals[i][1]
+
+    def is_null_at(self, offset: int) -> bool:
+        buf = self.received
+        return (buf[offset + 1] & 0x1F) == 0x1F and buf[offset + 2] == 0xFF
+
+    def last_real_before(self, offset: int) -> Optional[int]:
+        """Offset of the last non-null packet before ``offset`` (packet-aligned)."""
+        i = offset - PACKET
+        while i >= 0:
+            if not self.is_null_at(i):
+                return i
+            i -= PACKET
+        return None
+
+    def keepalive_ticks(self, gap: float = 0.05) -> list[float]:
+        """Arrival times of keepalive writes while nothing else arrives
+        (chunks of null packets closer than ``gap`` seconds count as one)."""
+        ticks: list[float] = []
+        for t in self.null_arrivals:
+            if not ticks or t - ticks[-1] > gap:
+                ticks.append(t)
+        return ticks
+
+    def aligned(self) -> bool:
+        return len(self.received) % PACKET == 0 and self.bad_packets == 0
+
+
+PACKET = 188
