@@ -39,6 +39,8 @@ def clean_env(**extra: str) -> dict:
 class Twistd(ProcessProtocol):
     """A twistd child: its output, the port it announced, its exit."""
 
+    announce = re.compile(rb"serving on [\d.]+:(\d+)")
+
     def __init__(self) -> None:
         self.output = b""
         self.port: Deferred = Deferred()
@@ -48,7 +50,7 @@ class Twistd(ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        m = re.search(rb"serving on [\d.]+:(\d+)", self.output)
+        m = self.announce.search(self.output)
         if m and not self.port.called:
             self.port.callback(int(m.group(1)))
 
@@ -137,6 +139,7 @@ async def test_demo_streams_valid_ts_and_sigterm_stops_within_5s(reactor, tmp_pa
     log = proc.output.decode(errors="replace")
     assert "closed (shutdown)" in log
     assert "Traceback" not in log
+    assert "GET /ace/getstream" not in log  # the access log is off by default
 
 
 @pytest_twisted.ensureDeferred
@@ -210,3 +213,21 @@ def test_wheel_ships_only_the_plugin_under_twisted_and_it_loads(tmp_path):
     file_line, found = out.stdout.split()
     assert file_line.startswith(str(target)), file_line
     assert found == "True"
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_logs_with_the_acexy_observer(reactor):
+    proto = Twistd()
+    proto.announce = re.compile(rb'"where": "[\d.]+:(\d+)"')  # structured, not formatted
+    argv = [TWISTD, "-n", "--pidfile=", "--logger", "acexy_tw.logs.observer", "acexy", "--demo",
+            "--listen", "tcp:0:interface=127.0.0.1"]
+    reactor.spawnProcess(proto, TWISTD, argv, env=clean_env(ACEXY_LOG_FORMAT="json"), path=str(ROOT))
+    try:
+        await proto.port.addTimeout(TIMEOUT, reactor)
+    finally:
+        proto.transport.signalProcess(signal.SIGTERM)
+        await proto.ended.addTimeout(TIMEOUT, reactor)
+    lines = [line for line in proto.output.decode().splitlines() if line.strip()]
+    assert lines
+    events = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert any("serving on" in (e.get("log_format") or "") or "serving on" in str(e) for e in events)

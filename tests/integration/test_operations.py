@@ -93,5 +93,7 @@ class TokenTests(TestCase):
         body = (await within(response.content())).decode()
         self.assertEqual(response.code, 200)
         _, one = await get_text(self, proxy.url(f"/ace/status?id={CID}&token={TOKEN}"))
-        for text in (body, one, *lines):
+        code, page = await get_text(self, proxy.url(f"/?token={TOKEN}"))
+        self.assertEqual(code, 200)
+        for text in (body, one, page, *lines):
             self.assertNotIn(TOKEN, text)

@@ -306,3 +306,14 @@ class SettleWindowTests(SynchronousTestCase):
         self.assertEqual([k.value for k, _ in p.placement.places[2:]], [CID2])
         slow.callback(None)
         self.assertEqual(p.waits.held, [])
+
+
+class UnavailableTests(SynchronousTestCase):
+    def test_no_engine_running_holds_players_in_either_mode(self) -> None:
+        for mode in ("hold", "reject"):
+            p = Proxy(queue_size=8, wait_mode=mode)
+            p.placement.script = [NoEngine("Service temporarily unavailable: no engine is running", code="unavailable", retry_after=10)]
+            c = p.connect()
+            self.assertEqual(c.status(), 200, mode)
+            self.assertTrue(only_nulls(c.body()))
+            self.assertEqual(p.registry.get(key()).waiting_reason, "unavailable")

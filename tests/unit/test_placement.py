@@ -336,3 +336,19 @@ class ReservationTests(SynchronousTestCase):
         relisted = OrchestratedEngine(engine.container_id, engine.container_name, engine.host, engine.port,
                                       streams=(f"{key(1).value}|{'f' * 40}",))
         self.assertEqual(h.placement._extra_load([relisted]), {})
+
+
+class UnavailableTests(SynchronousTestCase):
+    def test_unavailable_and_blocked_is_a_holdable_unavailable(self) -> None:
+        snap = OrchestratorStatus(
+            status="unavailable", engines_total=0, engines_running=0, engines_healthy=0, streams_active=0,
+            capacity_total=0, capacity_used=0, capacity_available=0, max_replicas=20,
+            vpn_enabled=False, vpn_connected=False, vpn_health=None,
+            can_provision=False, breaker_state="closed", blocked_reason=None, blocked=None, timestamp=None,
+        )
+        h = Harness(snapshot=snap)
+        f = self.failureResultOf(h.place(key(1)), NoEngine)
+        self.assertEqual(f.value.code, "unavailable")
+        self.assertEqual(f.value.http_status, 503)
+        self.assertIn("no engine is running", str(f.value))
+        self.assertEqual(h.orch.provision_calls, [])
