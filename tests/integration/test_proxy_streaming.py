@@ -62,8 +62,8 @@ class SlowClientTests(TestCase):
         await wait_until(lambda: web.clients_cut == 1, "the stalled player to be cut", seconds=30)
         session = proxy.registry.get_any()
         self.assertEqual(len(session.sinks), 1)
-        # the engine was not held back for the stalled one: the reader got far more than its cap
-        self.assertGreater(len(reader.received), 4 * 1024 * 1024)
+        # the engine was not held back for the stalled one: the reader got far more than the cap
+        self.assertGreater(len(reader.received), 2 * 1024 * 1024)
         stalled.start_reading()
         await stalled.when_closed()  # its connection really is gone
         have = len(reader.received)
