@@ -7,6 +7,14 @@ of the session's fan-out. What the player's transport will not take yet waits
 in a bounded backlog; past the cap, or when the player has taken nothing for
 too long, the player is cut so it never holds back anyone else.
 
+The transport pausing the sink only makes it *blocked*. The session hears
+"paused" (and may pause the engine) once the backlog passes ``high_water``,
+and "resumed" once it is drained below a quarter of that. Twisted's transport
+pauses its producer whenever more than 64 KiB waits to be sent — that is,
+after nearly every large write — so passing every such pause on to the engine
+socket would serialise reading and writing (measured: three epoll_ctl calls
+per 64 KiB chunk). The backlog's cap still bounds the memory.
+
 Lifecycle, all transitions idempotent:
 
     waiting ──first bytes──> streaming ──session ends──> ended
@@ -48,6 +56,7 @@ class ClientSink:
         max_backlog: int,
         stuck_timeout: float,
         peer: str = "?",
+        high_water: int = 0,
         on_cut: Optional[Callable[["ClientSink", str], None]] = None,
         on_first_byte: Optional[Callable[["ClientSink"], None]] = None,
     ) -> None:
@@ -55,8 +64,13 @@ class ClientSink:
         self.session: Optional[EngineSession] = None
         self.peer = peer
         self.state = self.WAITING
+        #: the transport will not take more now
+        self.blocked = False
+        #: told the session so (the backlog passed ``high_water``)
         self.paused = False
         self.max_backlog = max_backlog
+        self.high_water = min(high_water, max_backlog)
+        self.low_water = self.high_water // 4
         self.backlog_bytes = 0
         self.bytes_sent = 0
         self.cut_reason: Optional[str] = None
@@ -85,11 +99,13 @@ class ClientSink:
         if self.state == self.ENDED:
             return
         self.state = self.STREAMING
-        if self.paused or self._backlog:
+        if self.blocked or self._backlog:
             self._backlog.append(data)
             self.backlog_bytes += len(data)
             if self.backlog_bytes > self.max_backlog:
                 self.cut(f"backlog over {self.max_backlog} bytes")
+            elif not self.paused and self.backlog_bytes >= self.high_water:
+                self._report_paused()
             return
         self._write(data)
 
@@ -106,25 +122,36 @@ class ClientSink:
 
     def pauseProducing(self) -> None:
         # Called on every write while the transport is full: idempotent.
-        if self.paused or self.state == self.ENDED:
+        if self.blocked or self.state == self.ENDED:
             return
-        self.paused = True
+        self.blocked = True
         if self._stuck_timeout > 0:
             self._stuck_call = self._clock.callLater(self._stuck_timeout, self._stuck)
-        if self.session is not None:
-            self.session.sink_paused(self)
+        if not self.paused and self.backlog_bytes >= self.high_water:
+            self._report_paused()
 
     def resumeProducing(self) -> None:
-        if not self.paused or self.state == self.ENDED:
+        if not self.blocked or self.state == self.ENDED:
             return
-        self.paused = False
+        self.blocked = False
         self._cancel_stuck()
-        while self._backlog and not self.paused:
+        while self._backlog and not self.blocked:  # write() can re-enter pauseProducing
             data = self._backlog.popleft()
             self.backlog_bytes -= len(data)
             self._write(data)
-        if not self.paused and self.session is not None:
-            self.session.sink_resumed(self)
+        if self.high_water:
+            drained = self.backlog_bytes <= self.low_water
+        else:  # no high-water mark: pause and resume with the transport itself
+            drained = not self.blocked and not self._backlog
+        if self.paused and drained and self.state != self.ENDED:
+            self.paused = False
+            if self.session is not None:
+                self.session.sink_resumed(self)
+
+    def _report_paused(self) -> None:
+        self.paused = True
+        if self.session is not None:
+            self.session.sink_paused(self)
 
     def stopProducing(self) -> None:
         """The player's connection is gone."""

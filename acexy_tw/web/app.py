@@ -62,6 +62,7 @@ class ProxyApp:
         *,
         buffer_size: int,
         stuck_timeout: float,
+        high_water: Optional[int] = None,
         on_cut: Optional[Callable[[ClientSink, str], None]] = None,
         orchestrator_status: Optional[Callable[[], dict]] = None,
         waits: Any = None,
@@ -72,6 +73,8 @@ class ProxyApp:
         self.registry = registry
         self._clock = clock
         self._buffer_size = buffer_size
+        #: backlog at which a blocked player holds back the engine (see sink.py)
+        self._high_water = min(256 * 1024, buffer_size // 4) if high_water is None else high_water
         self._stuck_timeout = stuck_timeout
         self._on_cut_hook = on_cut
         self._orchestrator_status = orchestrator_status
@@ -115,6 +118,7 @@ class ProxyApp:
             max_backlog=self._buffer_size,
             stuck_timeout=self._stuck_timeout,
             peer=_peer(request),
+            high_water=self._high_water,
             on_cut=self._on_cut,
             on_first_byte=self.metrics.first_byte if self.metrics is not None else None,
         )

@@ -164,6 +164,7 @@ class Proxy:
         max_wait: float = 120.0,
         keepalive_interval: float = 1.0,
         failover_attempts: int = 0,
+        high_water: int = 0,
     ) -> None:
         self.clock = MemoryReactorClock()
         self.engine = engine or ScriptedEngine()
@@ -188,7 +189,7 @@ class Proxy:
         if self.waits is not None:
             self.waits.prewarm = self.registry.prewarm
         self.app = ProxyApp(
-            self.registry, self.clock, buffer_size=buffer_size, stuck_timeout=stuck_timeout
+            self.registry, self.clock, buffer_size=buffer_size, stuck_timeout=stuck_timeout, high_water=high_water
         )
         self.site = Site(self.app.resource(), reactor=self.clock)
 

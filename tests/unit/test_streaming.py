@@ -349,3 +349,41 @@ def _info(key):
         playback_session_id="0" * 40,
         is_live=1,
     )
+
+
+class HighWaterTests(SynchronousTestCase):
+    """With a high-water mark (as in production), a blocked player holds back
+    the engine only once its backlog passes the mark, and releases it below a
+    quarter of it: reads and writes overlap instead of alternating."""
+
+    def test_a_blocked_player_pauses_the_engine_only_past_the_mark(self) -> None:
+        p = Proxy(buffer_size=100 * PACKET_SIZE, high_water=20 * PACKET_SIZE)
+        c = p.connect()
+        upstream = p.engine.response.transport
+        c.pause()  # the socket is full: blocked, but the engine keeps flowing
+        self.assertEqual(upstream.producerState, "producing")
+        p.engine.response.data(ts(19))
+        self.assertEqual(upstream.producerState, "producing")
+        p.engine.response.data(ts(1))  # 20 packets waiting: now the engine is held back
+        self.assertEqual(upstream.producerState, "paused")
+        c.resume()  # drained: the engine flows again
+        self.assertEqual(upstream.producerState, "producing")
+        self.assertEqual(c.body(), ts(20))
+
+    def test_the_cap_still_cuts_a_player_that_never_drains(self) -> None:
+        p = Proxy(buffer_size=30 * PACKET_SIZE, high_water=10 * PACKET_SIZE)
+        slow, fast = p.connect(), p.connect()
+        slow.pause()
+        for _ in range(4):
+            p.engine.response.data(ts(10))
+        self.assertTrue(slow.aborted)
+        self.assertEqual(fast.body(), ts(10) * 4)
+
+    def test_the_app_default_mark_is_a_quarter_of_the_buffer_at_most_256k(self) -> None:
+        from acexy_tw.web.app import ProxyApp
+
+        from twisted.internet.task import Clock
+
+        small = ProxyApp(None, Clock(), buffer_size=64 * 1024, stuck_timeout=60)
+        big = ProxyApp(None, Clock(), buffer_size=4 * 1024 * 1024, stuck_timeout=60)
+        self.assertEqual((small._high_water, big._high_water), (16 * 1024, 256 * 1024))
