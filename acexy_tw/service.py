@@ -192,7 +192,13 @@ class AcexyService(MultiService):
             failover_attempts=config.failover_attempts,
         )
         self.waits.prewarm = self.registry.prewarm
-        self.hls = HlsSessions(self.placement, reactor, linger=config.linger)
+        self.hls = HlsSessions(
+            self.placement,
+            reactor,
+            linger=config.linger,
+            on_ready=self.events.started if self.events else None,  # reported like TS sessions
+            on_closed=self.events.ended if self.events else None,
+        )
         self.web = ProxyApp(
             self.registry,
             reactor,

@@ -53,8 +53,11 @@ class HlsSession:
         *,
         linger: float,
         on_closed: Callable[["HlsSession", str], None],
+        on_ready: Optional[Callable[["HlsSession"], None]] = None,
     ) -> None:
         self.key = key
+        self.stream_id: Optional[str] = None  # set when reported to the orchestrator
+        self._on_ready = on_ready
         self.sid = secrets.token_urlsafe(9)
         self.state = self.STARTING
         self.engine: Optional[EngineClient] = None
@@ -106,6 +109,8 @@ class HlsSession:
         self.state = self.READY
         log.info("HLS session for {key} on {engine}", key=str(self.key), engine=self.engine.address.url)
         self.touch()
+        if self._on_ready is not None:
+            self._on_ready(self)
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(self)
@@ -198,7 +203,17 @@ class HlsSession:
 class HlsSessions:
     """One HLS session per content key; found by key (playlists) or id (segments)."""
 
-    def __init__(self, placement: Any, clock: IReactorTime, *, linger: float) -> None:
+    def __init__(
+        self,
+        placement: Any,
+        clock: IReactorTime,
+        *,
+        linger: float,
+        on_ready: Optional[Callable[[HlsSession], None]] = None,
+        on_closed: Optional[Callable[[HlsSession, str], None]] = None,
+    ) -> None:
+        self._on_ready = on_ready
+        self._on_closed = on_closed
         self._placement = placement
         self._clock = clock
         self._linger = linger
@@ -215,7 +230,9 @@ class HlsSessions:
     def for_key(self, key: ContentKey) -> HlsSession:
         session = self._by_key.get(key)
         if session is None:
-            session = HlsSession(key, self._placement, self._clock, linger=self._linger, on_closed=self._closed)
+            session = HlsSession(
+                key, self._placement, self._clock, linger=self._linger, on_closed=self._closed, on_ready=self._on_ready
+            )
             self._by_key[key] = session
             self._by_sid[session.sid] = session
         return session
@@ -228,6 +245,8 @@ class HlsSessions:
             del self._by_key[session.key]
         self._by_sid.pop(session.sid, None)
         self._placement.release(session.key, hls=True)
+        if self._on_closed is not None:
+            self._on_closed(session, reason)
 
     def shutdown(self) -> None:
         self.accepting = False

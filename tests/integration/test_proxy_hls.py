@@ -135,3 +135,24 @@ class HlsNeverHeldTests(TestCase):
         self.assertEqual(json.loads(body)["code"], "vpn_disconnected")
         self.assertEqual(orch.provision_calls, [])
         self.assertEqual(proxy.service.waits.held_players, 0)
+
+
+class HlsEventTests(TestCase):
+    async def test_hls_sessions_are_reported_to_the_orchestrator(self) -> None:
+        orch = SimOrchestrator(reactor, api_key="k-hls-0001")
+        orch.listen(0, "127.0.0.1")
+        self.addCleanup(lambda: within(orch.shutdown()))
+        handle = orch.add_engine()
+        fallback = hls_engine(self)
+        proxy = await start_proxy(self, fallback, orch_url=orch.url, orch_apikey="k-hls-0001", linger="300ms")
+        await wait_until(lambda: proxy.service.monitor.reachable is not None, "the first status poll")
+        code, _ = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
+        self.assertEqual(code, 200)
+        await within(orch.when(lambda o: len(o.events_started) == 1))
+        started = orch.events_started[0]
+        self.assertEqual(started["container_id"], handle.container_id)
+        self.assertEqual(started["stream"], {"key_type": "content_id", "key": CID})
+        await within(orch.when(lambda o: len(o.events_ended) == 1))  # no longer polled
+        ended = orch.events_ended[0]
+        self.assertEqual(ended["stream_id"], started["labels"]["stream_id"])
+        self.assertEqual(ended["reason"], "client_disconnected")
