@@ -389,7 +389,7 @@ def parse_orchestrator_url(text: str) -> str:
     if parts.username or parts.password:
         raise ValueError("must not carry credentials (put the key in ACEXY_ORCH_APIKEY)")
     try:
-        parts.port
+        _ = parts.port  # urlsplit only checks the port when asked
     except ValueError:
         raise ValueError("has a bad port") from None
     return text.rstrip("/")

@@ -490,7 +490,7 @@ class EngineSession:
         if self._empty_call is not None and self._empty_call.active():
             self._empty_call.cancel()
         self._empty_call = None
-        upstream, self._upstream = self._upstream, None
+        self._upstream = None  # what it still sends is ignored (_upstream_data checks)
         transport, self._upstream_transport = self._upstream_transport, None
         self._upstream_paused = False
         if transport is not None:

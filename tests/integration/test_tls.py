@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseNeverReceived
 from treq.client import HTTPClient
 
 from acexy_tw.streaming.mpegts import PACKET_SIZE
@@ -85,6 +85,6 @@ class TLSTests(TestCase):
         pool.persistent = False
         self.addCleanup(pool.closeCachedConnections)
         client = HTTPClient(Agent(reactor, pool=pool))  # system trust: our self-signed cert is not in it
-        with self.assertRaises(Exception):
+        with self.assertRaises(ResponseNeverReceived):  # the TLS handshake fails
             await within(client.get(f"https://localhost:{proxy.port}/ace/status"))
         self.assertEqual(engine.getstream_calls, [])

@@ -662,7 +662,7 @@ class AuthAndLifecycleTests(Base):
         ]
         errors: list[BaseException] = []
         for handler in handlers:
-            for name, call in ALL_CALLS:
+            for _name, call in ALL_CALLS:
                 client, stub, _, clock = self.make(handler)
                 self.assertNotIn(KEY, repr(client))
                 d = call(client)
@@ -673,7 +673,7 @@ class AuthAndLifecycleTests(Base):
                 if isinstance(results[0], Failure):
                     errors.append(results[0].value)
         for exc in (ConnectionRefusedError(KEY), ResponseNeverReceived([Failure(ConnectionResetError(echo))])):
-            for name, call in ALL_CALLS:
+            for _name, call in ALL_CALLS:
                 client = OrchestratorClient(FailingHTTP(exc), BASE, KEY, Clock())
                 self.failureResultOf(call(client), OrchestratorUnavailable)
                 call(client).addErrback(lambda f: errors.append(f.value))

@@ -144,7 +144,7 @@ class QueueTests(SynchronousTestCase):
     def test_queue_full_is_a_503_with_retry_after(self) -> None:
         p = Proxy(queue_size=2)
         p.placement.script = [breaker(), breaker()]
-        a, b = p.connect(), p.connect()
+        _first, b = p.connect(), p.connect()
         self.assertEqual(b.status(), 200)
         c = p.connect()  # joins the held session: no room
         self.assertEqual(c.status(), 503)
