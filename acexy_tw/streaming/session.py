@@ -48,7 +48,7 @@ from acexy_tw.content import ContentKey
 from acexy_tw.engine import EngineClient, EngineError, EngineTimeout, PlaybackInfo, discard_body
 from acexy_tw.logs import get_logger
 from acexy_tw.streaming.mpegts import PacketAligner, null_packets
-from acexy_tw.streaming.sink import ClientSink
+from acexy_tw.streaming.sink import ClientSink, chunk
 
 if TYPE_CHECKING:  # pragma: no cover
     from acexy_tw.streaming.waiting import WaitQueue
@@ -57,6 +57,7 @@ log = get_logger(__name__)
 
 #: one keepalive write: 7 null packets (1316 bytes, the classic TS-over-UDP unit)
 KEEPALIVE = null_packets(7)
+KEEPALIVE_CHUNK = chunk(KEEPALIVE)
 
 
 class PlacementLike(TypingProtocol):
@@ -318,7 +319,7 @@ class EngineSession:
                 log.info("player {peer} waited {s:g}s for {key}: letting it go", peer=sink.peer, s=max_wait, key=str(self.key))
                 sink.end(True, None)  # it got packets: a clean end, and it retries
             else:
-                sink.deliver(KEEPALIVE)
+                sink.deliver(KEEPALIVE, KEEPALIVE_CHUNK)
 
     def _fire_retry_waiters(self, result: bool) -> None:
         waiters, self._retry_waiters = self._retry_waiters, []
@@ -395,8 +396,9 @@ class EngineSession:
         self.bytes_in += len(data)
         piece = self._aligner.feed(data)
         if piece:
+            framed = chunk(piece)  # framed once, shared by every player
             for sink in tuple(self.sinks):
-                sink.deliver(piece)
+                sink.deliver(piece, framed)
 
     def _upstream_lost(self, upstream: _Upstream, reason: Failure) -> None:
         if upstream is not self._upstream:

@@ -44,6 +44,11 @@ if TYPE_CHECKING:  # pragma: no cover
 log = get_logger(__name__)
 
 
+def chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP/1.1 chunk (what Request.write sends, in one piece)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 @implementer(IPushProducer)
 class ClientSink:
     WAITING, STREAMING, ENDED = "waiting", "streaming", "ended"
@@ -94,8 +99,15 @@ class ClientSink:
 
     # -- data from the session ------------------------------------------------
 
-    def deliver(self, data: bytes) -> None:
-        """Hand ``data`` (whole TS packets) to this player, or queue it."""
+    def deliver(self, data: bytes, framed: Optional[bytes] = None) -> None:
+        """
+        Hand ``data`` (whole TS packets) to this player, or queue it.
+
+        ``framed`` is the same bytes as one HTTP chunk (:func:`chunk`), built
+        once by the session for all its players: a streaming HTTP/1.1 player
+        is written that very object, so every player sends from one shared
+        buffer instead of each copying the piece into its own.
+        """
         if self.state == self.ENDED:
             return
         self.state = self.STREAMING
@@ -107,16 +119,21 @@ class ClientSink:
             elif not self.paused and self.backlog_bytes >= self.high_water:
                 self._report_paused()
             return
-        self._write(data)
+        self._write(data, framed)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, framed: Optional[bytes] = None) -> None:
+        self.bytes_sent += len(data)
         if self.first_byte_at is None:
             self.first_byte_at = self._clock.seconds()
             if self._on_first_byte is not None:
                 self._on_first_byte(self)
-        self.bytes_sent += len(data)
-        # May re-enter pauseProducing synchronously when the transport fills.
-        self.request.write(data)
+            self.request.write(data)  # the first write sends the headers too
+            return
+        # Either may re-enter pauseProducing synchronously when the transport fills.
+        if framed is not None and self.request.chunked:
+            self.request.channel.write(framed)
+        else:
+            self.request.write(data)
 
     # -- IPushProducer (driven by the player's transport) --------------------
 
