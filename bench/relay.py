@@ -28,134 +28,41 @@ headers and chunked framing included: the engine and the proxy both chunk).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as _dt
 import json
 import os
-import platform
-import re
 import secrets
-import select
-import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
+
+from common import (  # noqa: E402
+    GB,
+    MB,
+    RESULTS,
+    ROOT,
+    Children,
+    OutOfTime,
+    cpu_seconds,
+    engine_getstream,
+    engine_stop,
+    fmt as _fmt,
+    http_get,
+    machine,
+    path_of as _path_of,
+    quantile,
+    read_head as _read_head,
+    request_bytes as _request,
+)
+
 WARMUP_BYTES = 1_000_000
 RECV_BUFFER = 1 << 20
-MB, GB = 1e6, 1e9
-
-
-# ---------------------------------------------------------------------------
-# small HTTP helpers (raw sockets; used by the clients and the parent)
-# ---------------------------------------------------------------------------
-
-
-def _request(path: str, host: str, port: int, close: bool = False) -> bytes:
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {host}:{port}",
-        "User-Agent: acexy-bench/1",
-        "Accept: */*",
-    ]
-    if close:
-        lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-
-
-def _read_head(sock: socket.socket) -> Tuple[int, Dict[str, str], bytes]:
-    """Read up to the end of the headers; return status, headers, body bytes read so far."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"connection closed before the headers end ({data[:80]!r})")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, rest
-
-
-def _dechunk(body: bytes) -> bytes:
-    out, pos = b"", 0
-    while True:
-        end = body.index(b"\r\n", pos)
-        size = int(body[pos:end].split(b";")[0], 16)
-        if size == 0:
-            return out
-        out += body[end + 2 : end + 2 + size]
-        pos = end + 2 + size + 2
-
-
-def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> Tuple[int, bytes]:
-    """A whole small response (Content-Length, chunked or close-delimited)."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(_request(path, host, port, close=True))
-        status, headers, body = _read_head(sock)
-        length = headers.get("content-length")
-        while True:
-            if length is not None and len(body) >= int(length):
-                break
-            if headers.get("transfer-encoding", "").lower() == "chunked" and body.endswith(b"0\r\n\r\n"):
-                break
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            body = _dechunk(body)
-        return status, body
-
-
-def engine_getstream(engine_port: int, content_id: str, timeout: float = 5.0) -> Dict[str, Any]:
-    """Start an engine session; the response's URLs rewritten to the real engine address."""
-    path = f"/ace/getstream?format=json&id={content_id}&pid={secrets.token_hex(8)}"
-    status, body = http_get("127.0.0.1", engine_port, path, timeout)
-    reply = json.loads(body)
-    if status != 200 or reply.get("error") or not reply.get("response"):
-        raise RuntimeError(f"engine getstream failed: HTTP {status} {body[:200]!r}")
-    response = reply["response"]
-    return {key: _path_of(response[key]) for key in ("playback_url", "command_url", "stat_url")}
-
-
-def _path_of(url: str) -> str:
-    """The path+query of an engine URL: scheme/host/port are the engine's own view."""
-    parts = urlsplit(url)
-    return parts.path + (f"?{parts.query}" if parts.query else "")
-
-
-def engine_stop(engine_port: int, command_path: str) -> None:
-    sep = "&" if "?" in command_path else "?"
-    try:
-        http_get("127.0.0.1", engine_port, f"{command_path}{sep}method=stop", timeout=3.0)
-    except (OSError, ValueError):
-        pass
-
-
-def quantile(values: List[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 # ---------------------------------------------------------------------------
@@ -297,156 +204,16 @@ def client_ttfb(engine_port: int, proxy_port: int, iterations: int, warmup: int)
 # ---------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Children get SIGTERM if the bench itself is killed (Linux prctl)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:port (without connecting to it)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        return True
-        except FileNotFoundError:
-            continue
-    return False
-
-
-class Bench:
+class Bench(Children):
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
         self.args = args
-        self.python = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else sys.executable
-        twistd = ROOT / ".venv/bin/twistd"
-        self.twistd = str(twistd) if twistd.exists() else (shutil.which("twistd") or "twistd")
-        self.socat = shutil.which("socat")
-        self.tmp = Path(tempfile.mkdtemp(prefix="acexy-bench-"))
-        self.children: List[Tuple[str, subprocess.Popen]] = []
         self.stamp = args.stamp
 
-    # -- processes ----------------------------------------------------------------
-
-    def spawn(self, name: str, argv: List[str], *, stdout_pipe: bool = False) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            argv,
-            cwd=str(ROOT),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if stdout_pipe else log,
-            stderr=log,
-            preexec_fn=_die_with_parent,
-        )
-        log.close()
-        self.children.append((name, proc))
-        return proc
-
-    def log_tail(self, name: str, lines: int = 15) -> str:
-        try:
-            text = (self.tmp / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_until(self, what: str, proc: subprocess.Popen, ready, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{self.log_tail(what)}")
-            if ready():
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"{what} not ready after {timeout:g}s:\n{self.log_tail(what)}")
-
-    def start_engine(self, name: str, rate: List[str]) -> Tuple[subprocess.Popen, int]:
-        port = free_port()
-        argv = [self.python, "-m", "acexy_tw.sim.engine", "--port", str(port), "--interface", "127.0.0.1", *rate]
-        proc = self.spawn(name, argv)
-
-        def ready() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                return True
-            except OSError:
-                return False
-
-        self.wait_until(name, proc, ready)
-        return proc, port
-
-    def start_proxy(self, name: str, engine_port: int) -> Tuple[subprocess.Popen, int]:
-        port = free_port()
-        argv = [
-            self.twistd, "-n", "--pidfile=", "acexy",
-            "--listen", f"tcp:{port}:interface=127.0.0.1",
-            "--engine-host", "127.0.0.1", "--engine-port", str(engine_port),
-            "--linger", "0",
-        ]  # fmt: skip
-        proc = self.spawn(name, argv)
-        marker = f"serving on 127.0.0.1:{port}"
-        self.wait_until(name, proc, lambda: marker in self.log_tail(name, 50))
-        return proc, port
-
-    def start_socat(self, name: str, engine_port: int) -> Tuple[subprocess.Popen, int]:
-        """socat without fork: it serves exactly one connection, in this process."""
-        if not self.socat:
-            raise RuntimeError("socat is not installed (apt-get install -y socat)")
-        port = free_port()
-        argv = [self.socat, "-b", "65536", f"TCP-LISTEN:{port},reuseaddr,bind=127.0.0.1", f"TCP:127.0.0.1:{engine_port}"]
-        proc = self.spawn(name, argv)
-        self.wait_until(name, proc, lambda: listening(port))
-        return proc, port
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(3)
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(self.children):
-            try:
-                self.stop(proc)
-            except Exception:  # noqa: BLE001 - keep stopping the others
-                pass
-            if proc.stdout is not None:
-                proc.stdout.close()
-        self.children.clear()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def _read_line(self, proc, timeout: float) -> str:
+        return self.read_line(proc, timeout)
 
     # -- measurement 1 -----------------------------------------------------------------
-
-    def _read_line(self, proc: subprocess.Popen, timeout: float) -> str:
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        if not ready:
-            raise RuntimeError(f"client gave no answer within {timeout:g}s")
-        line = proc.stdout.readline().decode()
-        if not line:
-            raise RuntimeError(f"client exited ({proc.wait()}) without an answer")
-        return line.strip()
 
     def stream_once(self, label: str, port: int, path: str, relay_pid: Optional[int], engine_pid: int) -> Dict[str, Any]:
         seconds = self.args.seconds
@@ -646,40 +413,6 @@ class Bench:
 # ---------------------------------------------------------------------------
 
 
-def machine() -> Dict[str, Any]:
-    info: Dict[str, Any] = {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import twisted
-
-        info["twisted"] = twisted.__version__
-    except ImportError:
-        pass
-    if shutil.which("socat"):
-        out = subprocess.run(["socat", "-V"], capture_output=True, text=True).stdout
-        match = re.search(r"socat version (\S+)", out)
-        info["socat"] = match.group(1) if match else None
-    return info
-
-
-def _fmt(value: Any, spec: str = ".1f") -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def render(report: Dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -755,10 +488,6 @@ def render(report: Dict[str, Any]) -> str:
     if report.get("json_path"):
         lines.append(f"JSON: {report['json_path']}")
     return "\n".join(lines)
-
-
-class OutOfTime(BaseException):
-    """The overall time limit: a BaseException, so no per-row handler swallows it."""
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
