@@ -393,3 +393,26 @@ class TSPlayer(Player):
 
 
 PACKET = 188
+
+
+async def ffprobe_capture(test: Any, data: bytes) -> dict:
+    """ffprobe's JSON for a capture (cut to whole TS packets); fails the test
+    unless ffprobe accepts it. Temp files live outside the checkout."""
+    import json
+    import shutil
+    import tempfile
+
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    ffprobe = shutil.which("ffprobe")
+    if ffprobe is None:
+        test.skipTest("ffprobe is not installed")
+    folder = tempfile.mkdtemp(prefix="acexy-capture-")  # (trial's mktemp litters the cwd under pytest)
+    test.addCleanup(shutil.rmtree, folder, True)
+    path = os.path.join(folder, "capture.ts")
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 188 * 188])
+    args = ["-v", "error", "-show_format", "-show_streams", "-of", "json", path]
+    out, err, status = await within(getProcessOutputAndValue(ffprobe, args, env=dict(os.environ)))
+    test.assertEqual(status, 0, err)
+    return json.loads(out)

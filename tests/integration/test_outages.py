@@ -13,15 +13,12 @@ Unlike test_orchestrator.py these run with a wait queue (no ACEXY_QUEUE_SIZE=0).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
-import tempfile
 from typing import Any
 
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
@@ -29,6 +26,7 @@ from acexy_tw.sim.orchestrator import SimEngineHandle, SimOrchestrator
 from acexy_tw.sim.tsgen import TSGenerator
 from acexy_tw.streaming.mpegts import NULL_PACKET, PACKET_SIZE
 from tests.integration.harness import (
+    ffprobe_capture,
     TSPlayer,
     cid,
     get_json,
@@ -147,15 +145,7 @@ class VpnOutageTests(TestCase):
         ffprobe = shutil.which("ffprobe")
         if ffprobe is None:
             self.skipTest("ffprobe not installed (everything but the probe passed)")
-        folder = tempfile.mkdtemp(prefix="acexy-outage-")
-        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
-        path = os.path.join(folder, "capture.ts")
-        with open(path, "wb") as f:
-            f.write(player.received[: len(player.received) // PACKET_SIZE * PACKET_SIZE])
-        args = ["-v", "error", "-show_format", "-show_streams", "-of", "json", path]
-        out, err, status = await within(getProcessOutputAndValue(ffprobe, args, env=dict(os.environ)))
-        self.assertEqual(status, 0, err)
-        probe = json.loads(out)
+        probe = await ffprobe_capture(self, bytes(player.received))
         self.assertEqual(probe["format"]["format_name"], "mpegts")
         self.assertTrue({"video", "audio"} <= {s["codec_type"] for s in probe["streams"]}, probe["streams"])
 

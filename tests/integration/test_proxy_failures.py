@@ -6,20 +6,17 @@ input. Every wait is bounded; nothing sleeps.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from acexy_tw.content import MANY_SELECTORS, NO_SELECTOR
 from acexy_tw.sim.engine import SimEngine
 from acexy_tw.streaming.mpegts import PACKET_SIZE
 from tests.integration.harness import (
+    ffprobe_capture,
     CID,
     Player,
     StalledPlayer,
@@ -215,15 +212,7 @@ class PlayerBehaviourTests(TestCase):
         want = 2_000_000 // 8 * 2  # about 2 s of stream
         player = await Player.open(self, proxy.stream_url(), limit=want)
         await player.when_received(want)
-        folder = tempfile.mkdtemp(prefix="acexy-ffprobe-")  # (trial's mktemp litters the cwd under pytest)
-        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
-        path = os.path.join(folder, "capture.ts")
-        with open(path, "wb") as f:
-            f.write(player.received[: len(player.received) // PACKET_SIZE * PACKET_SIZE])
-        args = ["-v", "error", "-show_format", "-show_streams", "-of", "json", path]
-        out, err, status = await within(getProcessOutputAndValue(ffprobe, args, env=dict(os.environ)))
-        self.assertEqual(status, 0, err)
-        probe = json.loads(out)
+        probe = await ffprobe_capture(self, bytes(player.received))
         self.assertEqual(probe["format"]["format_name"], "mpegts")
         kinds = {s["codec_type"] for s in probe["streams"]}
         self.assertTrue({"video", "audio"} <= kinds, kinds)

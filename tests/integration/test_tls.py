@@ -54,7 +54,9 @@ def self_signed(directory: str) -> tuple[str, bytes]:
 
 
 class TLSTests(TestCase):
-    async def test_players_can_stream_over_https(self) -> None:
+    async def _tls_proxy(self, trust_our_certificate: bool):
+        """A proxy on an ``ssl:`` listener with a fresh certificate, and a client
+        that trusts that certificate (or only the system's roots)."""
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory, True)
         pem, cert_pem = self_signed(directory)
@@ -63,8 +65,15 @@ class TLSTests(TestCase):
         pool = make_pool(reactor)
         pool.persistent = False
         self.addCleanup(pool.closeCachedConnections)
-        trust = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert_pem))
-        client = HTTPClient(Agent(reactor, contextFactory=trust, pool=pool))
+        if trust_our_certificate:
+            policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert_pem))
+            agent = Agent(reactor, contextFactory=policy, pool=pool)
+        else:
+            agent = Agent(reactor, pool=pool)  # system trust: our self-signed cert is not in it
+        return engine, proxy, HTTPClient(agent)
+
+    async def test_players_can_stream_over_https(self) -> None:
+        engine, proxy, client = await self._tls_proxy(trust_our_certificate=True)
         response = await within(client.get(f"https://localhost:{proxy.port}/ace/getstream?id={CID}", unbuffered=True))
         self.assertEqual(response.code, 200)
         player = Player()
@@ -76,15 +85,7 @@ class TLSTests(TestCase):
         self.assertEqual(data[PACKET_SIZE], 0x47)
 
     async def test_a_client_that_does_not_trust_the_certificate_is_refused(self) -> None:
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory, True)
-        pem, _ = self_signed(directory)
-        engine = sim_engine(self, bitrate=2_000_000)
-        proxy = await start_proxy(self, engine, listen=f"ssl:0:privateKey={pem}:interface=127.0.0.1")
-        pool = make_pool(reactor)
-        pool.persistent = False
-        self.addCleanup(pool.closeCachedConnections)
-        client = HTTPClient(Agent(reactor, pool=pool))  # system trust: our self-signed cert is not in it
+        engine, proxy, client = await self._tls_proxy(trust_our_certificate=False)
         with self.assertRaises(ResponseNeverReceived):  # the TLS handshake fails
             await within(client.get(f"https://localhost:{proxy.port}/ace/status"))
         self.assertEqual(engine.getstream_calls, [])
