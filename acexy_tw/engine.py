@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from twisted.internet import error as neterror
@@ -153,7 +153,7 @@ def describe(failure: Failure) -> str:
     return failure.getErrorMessage()
 
 
-def _was_cancelled(failure: Failure) -> bool:
+def was_cancelled(failure: Failure) -> bool:
     """Agent reports a cancelled request as ResponseNeverReceived([CancelledError])."""
     if failure.check(CancelledError):
         return True
@@ -161,11 +161,12 @@ def _was_cancelled(failure: Failure) -> bool:
     return any(r.check(CancelledError) for r in reasons)
 
 
-def bounded(d: Deferred, seconds: float, clock: IReactorTime, what: str) -> Deferred:
+def deadline(
+    d: Deferred, seconds: float, clock: IReactorTime, settle: Callable[[Any, bool], Any]
+) -> Deferred:
     """
-    ``d``, cancelled after ``seconds``. Failures come out typed: a timeout as
-    :class:`EngineTimeout`, anything else (refused, reset, garbage) as
-    :class:`EngineError`; a cancellation by the caller stays a cancellation.
+    ``d``, cancelled after ``seconds`` on ``clock``; ``settle(result,
+    timed_out)`` then maps the outcome (``timed_out``: the cancel was ours).
 
     (Not ``Deferred.addTimeout``: Agent turns the cancel into
     ResponseNeverReceived, which addTimeout does not recognise as its own.)
@@ -179,20 +180,33 @@ def bounded(d: Deferred, seconds: float, clock: IReactorTime, what: str) -> Defe
 
     call = clock.callLater(seconds, expire)
 
-    def settle(result: Any) -> Any:
+    def done(result: Any) -> Any:
         if call.active():
             call.cancel()
+        return settle(result, timed_out)
+
+    return d.addBoth(done)
+
+
+def bounded(d: Deferred, seconds: float, clock: IReactorTime, what: str) -> Deferred:
+    """
+    ``d``, cancelled after ``seconds``. Failures come out typed: a timeout as
+    :class:`EngineTimeout`, anything else (refused, reset, garbage) as
+    :class:`EngineError`; a cancellation by the caller stays a cancellation.
+    """
+
+    def settle(result: Any, timed_out: bool) -> Any:
         if not isinstance(result, Failure):
             return result
         if timed_out or result.check(DeferredTimeout, neterror.TimeoutError):
             raise EngineTimeout(f"engine did not answer {what} within {seconds:g}s")
         if result.check(EngineError):
             return result
-        if _was_cancelled(result):
+        if was_cancelled(result):
             raise CancelledError()
         raise EngineError(f"engine {what} failed: {describe(result)}")
 
-    return d.addBoth(settle)
+    return deadline(d, seconds, clock, settle)
 
 
 def _text(body: bytes, limit: int = 200) -> str:

@@ -44,6 +44,7 @@ from acexy_tw.orchestrator.client import (
     ProvisionBlocked,
     ProvisionFailed,
     ProvisionTimeout,
+    stream_id_for as client_stream_id,
 )
 from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.orchestrator.selection import rank
@@ -78,7 +79,8 @@ def _start(engine: EngineClient, key: ContentKey, hls: bool) -> Deferred:
 
 
 def stream_id_for(key: ContentKey, info: PlaybackInfo) -> str:
-    return f"{key.value}|{info.playback_session_id}"
+    """The id the session is reported under (so the orchestrator's /engines lists it)."""
+    return client_stream_id(key.value, info.playback_session_id)
 
 
 class Placement:

@@ -126,13 +126,7 @@ class AcexyService(MultiService):
         self.http = HTTPClient(
             Agent(reactor, pool=self.pool, connectTimeout=config.no_response_timeout)
         )
-        self.engine = EngineClient(
-            self.http,
-            EngineAddress(config.engine_scheme, config.engine_host, config.engine_port),
-            reactor,
-            timeout=config.no_response_timeout,
-            stop_timeout=min(config.no_response_timeout, STOP_BUDGET),
-        )
+        self.engine = self._make_engine(config.engine_host, config.engine_port, None)  # the fallback
         self.sim: Any = None
         demo_orchestrator = config.demo and not config.orch_url
         if config.demo:

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
-from acexy_tw.engine import EngineAddress, EngineError, describe, read_body
+from acexy_tw.engine import EngineAddress, EngineError, deadline, describe, read_body, was_cancelled
 
 #: Cap for small answers (status, provision, events).
 MAX_BODY = 256 * 1024
@@ -417,14 +417,6 @@ def parse_provisioned(doc: Any) -> Provisioned:
 # -- the client ------------------------------------------------------------------
 
 
-def _was_cancelled(failure: Failure) -> bool:
-    """Agent reports a cancelled request as ResponseNeverReceived([CancelledError])."""
-    if failure.check(CancelledError):
-        return True
-    reasons = getattr(failure.value, "reasons", None) or []
-    return any(r.check(CancelledError) for r in reasons)
-
-
 class OrchestratorClient:
     """
     acestream-orchestrator over HTTP.
@@ -653,22 +645,9 @@ class OrchestratorClient:
     def _bounded(
         self, d: Deferred, seconds: float, what: str, unknown_outcome: type[OrchestratorUnavailable]
     ) -> Deferred:
-        """
-        ``d``, cancelled after ``seconds`` on our clock; failures typed (see
-        :func:`acexy_tw.engine.bounded`, which this mirrors).
-        """
-        timed_out = False
+        """``d``, cancelled after ``seconds`` on our clock; failures typed."""
 
-        def expire() -> None:
-            nonlocal timed_out
-            timed_out = True
-            d.cancel()
-
-        call = self._clock.callLater(seconds, expire)
-
-        def settle(result: Any) -> Any:
-            if call.active():
-                call.cancel()
+        def settle(result: Any, timed_out: bool) -> Any:
             if not isinstance(result, Failure):
                 return result
             extra = "; a container may have started: check /engines" if what == "provision" else ""
@@ -676,7 +655,7 @@ class OrchestratorClient:
                 raise unknown_outcome(f"orchestrator did not answer {what} within {seconds:g}s{extra}")
             if result.check(OrchestratorError):
                 return result
-            if _was_cancelled(result):
+            if was_cancelled(result):
                 raise CancelledError()
             reason = self._scrub(describe(result))
             if result.check(ResponseNeverReceived, ResponseFailed):
@@ -686,7 +665,7 @@ class OrchestratorClient:
                 raise OrchestratorUnavailable(f"orchestrator {what}: connection timed out")
             raise OrchestratorUnavailable(f"orchestrator {what} failed: {reason}")
 
-        return d.addBoth(settle)
+        return deadline(d, seconds, self._clock, settle)
 
 
 def _parse_streams(doc: Any) -> list[dict]:

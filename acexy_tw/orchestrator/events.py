@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from acexy_tw.logs import get_logger
-from acexy_tw.orchestrator.client import OrchestratorClient, OrchestratorUnavailable
+from acexy_tw.orchestrator.client import OrchestratorClient, OrchestratorUnavailable, stream_started_event
 
 log = get_logger(__name__)
 
@@ -45,21 +45,20 @@ class EventReporter:
         container_id = getattr(engine, "container_id", None)
         if container_id is None or info is None or id(session) in self._started:
             return
-        stream_id = f"{session.key.value}|{info.playback_session_id}"
+        event = stream_started_event(
+            container_id=container_id,
+            engine_host=engine.address.host,
+            engine_port=engine.address.port,
+            key_type=session.key.key_type,
+            key=session.key.value,
+            playback_session_id=info.playback_session_id,
+            stat_url=info.stat_url,
+            command_url=info.command_url,
+            is_live=info.is_live,
+        )
+        stream_id = event["labels"]["stream_id"]
         self._started[id(session)] = (container_id, stream_id)
         session.stream_id = stream_id
-        event = {
-            "container_id": container_id,
-            "engine": {"host": engine.address.host, "port": engine.address.port},
-            "stream": {"key_type": session.key.key_type, "key": session.key.value},
-            "session": {
-                "playback_session_id": info.playback_session_id,
-                "stat_url": info.stat_url,
-                "command_url": info.command_url,
-                "is_live": info.is_live,
-            },
-            "labels": {"stream_id": stream_id},
-        }
         self._send("started", lambda: self._orch.stream_started(event), stream_id)
 
     def ended(self, session: Any, reason: str) -> None:
