@@ -52,6 +52,13 @@ def _json(request: Any, doc: Any, code: int = 200) -> bytes:
     return json.dumps(doc, sort_keys=True).encode("utf-8")
 
 
+def _refusal(request: Any, error: NoEngine) -> bytes:
+    """No engine for now: JSON ``{"error", "code", "retry_after"}`` and Retry-After."""
+    if error.retry_after is not None:
+        request.setHeader(b"retry-after", str(error.retry_after).encode())
+    return _json(request, error.as_json(), error.http_status)
+
+
 class ProxyApp:
     app = Klein()
 
@@ -129,9 +136,7 @@ class ProxyApp:
         try:
             await sink.done
         except NoEngine as e:
-            if e.retry_after is not None:
-                request.setHeader(b"retry-after", str(e.retry_after).encode())
-            return _json(request, e.as_json(), e.http_status)
+            return _refusal(request, e)
         except EngineError as e:
             return _text(request, e.http_status, str(e))
         return None
@@ -158,9 +163,7 @@ class ProxyApp:
             await session.ready()
             body = await session.playlist(f"/ace/hls/{session.sid}", query)
         except NoEngine as e:  # never held: a playlist client retries by itself
-            if e.retry_after is not None:
-                request.setHeader(b"retry-after", str(e.retry_after).encode())
-            return _json(request, e.as_json(), e.http_status)
+            return _refusal(request, e)
         except EngineError as e:
             return _text(request, e.http_status, str(e))
         request.setHeader(b"content-type", HLS_CONTENT_TYPE)
