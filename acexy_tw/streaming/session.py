@@ -394,8 +394,8 @@ class EngineSession:
         if self.first_byte_at is None:
             self.first_byte_at = self._last_data
         self.bytes_in += len(data)
-        piece = self._aligner.feed(data)
-        if piece:
+        piece = self._aligner.feed(data)  # (also while nobody watches: it keeps the alignment)
+        if piece and self.sinks:
             framed = chunk(piece)  # framed once, shared by every player
             for sink in tuple(self.sinks):
                 sink.deliver(piece, framed)
