@@ -20,7 +20,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTP11ClientProtocol, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
@@ -60,9 +60,28 @@ class QuietSite(Site):
             super().log(request)
 
 
+#: Bytes asked of the kernel per read on an engine or orchestrator connection.
+#: Twisted reads 64 KiB at a time; an engine sending flat out (a VOD, a burst
+#: after a pause) then costs one reactor round, one chunk decode and one send
+#: per player for every 64 KiB. 256 KiB: −25 % CPU per GB relayed, with
+#: write-through (bench/relay.py, README "Performance"); larger was no better
+#: and only holds more memory per read.
+ENGINE_READ_SIZE = 256 * 1024
+
+
+class _ClientProtocol(HTTP11ClientProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # ``bufferSize``: what the TCP transport's doRead asks recv() for.
+        self.transport.bufferSize = ENGINE_READ_SIZE
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     # Every engine connection would log "Starting factory" (STYLE.md pitfall 14).
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
 
 
 def make_pool(reactor: Any) -> HTTPConnectionPool:
