@@ -343,6 +343,11 @@ def parse_listen(text: str) -> str:
     (``tcp6:PORT:interface=<escaped>``). Port 0 means any free port. Text
     starting with a known endpoint type (``tcp:``, ``ssl:``, ``unix:``...) is
     already a description and is returned unchanged.
+
+    The acexy forms listen with a queue of :data:`LISTEN_BACKLOG` pending
+    connections instead of Twisted's 50: a room of players zapping at once
+    (or all reconnecting after an outage) would otherwise overflow it, and the
+    kernel makes each dropped player retry a second later.
     """
     s = text.strip()
     if not s:
@@ -350,24 +355,33 @@ def parse_listen(text: str) -> str:
     if s.startswith(_STRPORTS_PREFIXES):
         return s
     if s.isascii() and s.isdigit():
-        return f"tcp:{_listen_port(s)}"
+        return _tcp("tcp", _listen_port(s))
     host, sep, port_text = s.rpartition(":")
     if not sep:
         raise ValueError(f"not a listen address ({_LISTEN_HELP})")
     port = _listen_port(port_text)
     if host == "":
-        return f"tcp:{port}"
+        return _tcp("tcp", port)
     if host.startswith("[") and host.endswith("]"):
         try:
             address = ipaddress.IPv6Address(host[1:-1])
         except ValueError:
             raise ValueError(f"not an IPv6 address in brackets ({_LISTEN_HELP})") from None
-        return f"tcp6:{port}:interface={_strports_escape(str(address))}"
+        return _tcp("tcp6", port, _strports_escape(str(address)))
     if ":" in host:
         raise ValueError(f"put an IPv6 address in brackets, e.g. [::1]:8080 ({_LISTEN_HELP})")
     if not _HOSTNAME_RE.fullmatch(host):
         raise ValueError(f"not a host name or IP address ({_LISTEN_HELP})")
-    return f"tcp:{port}:interface={host}"
+    return _tcp("tcp", port, host)
+
+
+#: pending connections the kernel queues for the listener (acexy forms)
+LISTEN_BACKLOG = 1024
+
+
+def _tcp(kind: str, port: int, interface: Optional[str] = None) -> str:
+    where = f":interface={interface}" if interface is not None else ""
+    return f"{kind}:{port}{where}:backlog={LISTEN_BACKLOG}"
 
 
 def _listen_port(text: str) -> int:
@@ -500,7 +514,10 @@ SETTINGS: tuple[Setting, ...] = (
         option="listen",
         default=":8080",
         parser=parse_listen,
-        help="Address to serve players on: :PORT, HOST:PORT, [IPv6]:PORT or a Twisted endpoint",
+        help=(
+            "Address to serve players on: :PORT, HOST:PORT, [IPv6]:PORT (these queue up to "
+            "1024 connecting players) or a Twisted endpoint"
+        ),
     ),
     Setting(
         field="engine_host",

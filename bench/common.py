@@ -479,9 +479,11 @@ class Children:
         backlog: Optional[int] = None,
     ) -> Tuple[subprocess.Popen, int]:
         """``twistd -n --pidfile= acexy`` on a free port; ready once it logs "serving on".
-        ``backlog``: the listen queue (``backlog=`` of the endpoint; Twisted's default is 50)."""
+        Listens as a user's ``127.0.0.1:PORT`` does (the proxy's default queue of
+        1024 connecting players), or, given ``backlog``, with that queue
+        (``tcp:PORT:interface=127.0.0.1:backlog=N``)."""
         port = free_port()
-        listen = f"tcp:{port}:interface=127.0.0.1" + (f":backlog={backlog}" if backlog else "")
+        listen = f"tcp:{port}:interface=127.0.0.1:backlog={backlog}" if backlog else f"127.0.0.1:{port}"
         argv = [
             self.twistd, "-n", "--pidfile=", "acexy",
             "--listen", listen,

@@ -264,7 +264,7 @@ def render(report: Dict[str, Any], title: str, label: str) -> str:
         f"engine: simulated, {cfg['bitrate']}bit/s per content; window {cfg['seconds']:g} s from the barrier"
         + (f", connects spread over {cfg['ramp']:g} s" if cfg["ramp"] else ", every client connects at once")
         + f"; proxy: twistd -n acexy {' '.join(cfg['proxy_args']) or '(defaults)'}"
-        + (f", listen backlog={cfg['listen_backlog']}" if cfg.get("listen_backlog") else ", listen backlog Twisted's default"),
+        + (f", listen backlog={cfg['listen_backlog']}" if cfg.get("listen_backlog") else ", listen backlog the proxy's default"),
         "MB = 10^6 B. 'MB/s out' and s/GB: raw bytes the clients received (headers and chunk framing included). "
         "ratio: a client's payload ÷ the engine's bytes for its content in the window. TTFB: connect start → "
         "first body byte (ms). RSS in MiB (peak = VmHWM).",
@@ -290,7 +290,7 @@ def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proxy-arg", action="append", default=[], metavar="ARG",
                         help="extra twistd acexy option (repeat: --proxy-arg=--buffer-size --proxy-arg=1MiB)")  # fmt: skip
     parser.add_argument("--backlog", type=int, default=None,
-                        help="proxy listen queue: --listen tcp:PORT:interface=127.0.0.1:backlog=N (default: Twisted's 50)")  # fmt: skip
+                        help="proxy listen queue: --listen tcp:PORT:interface=127.0.0.1:backlog=N (default: the proxy's own, 1024)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="where to write the JSON (default bench/results/<name>-<timestamp>.json)")
     parser.add_argument("--time-limit", type=int, default=0, metavar="SECONDS", help="abort after this long (default scales)")
 

@@ -361,18 +361,18 @@ def test_parse_bool_bad(text: str) -> None:
 @pytest.mark.parametrize(
     "text, description",
     [
-        (":8080", "tcp:8080"),
-        (":0", "tcp:0"),
-        ("8080", "tcp:8080"),
-        ("0", "tcp:0"),
-        ("0.0.0.0:8080", "tcp:8080:interface=0.0.0.0"),
-        ("127.0.0.1:8080", "tcp:8080:interface=127.0.0.1"),
-        ("127.0.0.1:0", "tcp:0:interface=127.0.0.1"),
-        ("localhost:8080", "tcp:8080:interface=localhost"),
-        ("[::1]:8080", "tcp6:8080:interface=\\:\\:1"),
-        ("[::]:0", "tcp6:0:interface=\\:\\:"),
-        ("[2001:DB8::1]:80", "tcp6:80:interface=2001\\:db8\\:\\:1"),
-        ("  :8080 ", "tcp:8080"),
+        (":8080", "tcp:8080:backlog=1024"),
+        (":0", "tcp:0:backlog=1024"),
+        ("8080", "tcp:8080:backlog=1024"),
+        ("0", "tcp:0:backlog=1024"),
+        ("0.0.0.0:8080", "tcp:8080:interface=0.0.0.0:backlog=1024"),
+        ("127.0.0.1:8080", "tcp:8080:interface=127.0.0.1:backlog=1024"),
+        ("127.0.0.1:0", "tcp:0:interface=127.0.0.1:backlog=1024"),
+        ("localhost:8080", "tcp:8080:interface=localhost:backlog=1024"),
+        ("[::1]:8080", "tcp6:8080:interface=\\:\\:1:backlog=1024"),
+        ("[::]:0", "tcp6:0:interface=\\:\\::backlog=1024"),
+        ("[2001:DB8::1]:80", "tcp6:80:interface=2001\\:db8\\:\\:1:backlog=1024"),
+        ("  :8080 ", "tcp:8080:backlog=1024"),
         # strports descriptions pass through unchanged
         ("tcp:8080", "tcp:8080"),
         ("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"),
@@ -418,13 +418,30 @@ def test_parse_listen_bad(text: str) -> None:
     assert ":PORT" in str(info.value)  # the reason shows the accepted forms
 
 
+@pytest.mark.parametrize("text", [":8080", "8080", "127.0.0.1:8080", "[::1]:8080"])
+def test_acexy_listen_forms_queue_a_burst_of_players(text: str) -> None:
+    """The listener built from an acexy address asks the kernel for a 1024-deep
+    accept queue (Twisted's own default is 50); an explicit description is the
+    user's own choice and keeps Twisted's default."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactor
+
+    reactor = MemoryReactor()
+    serverFromString(reactor, parse_listen(text)).listen(Factory())
+    assert [backlog for _port, _factory, backlog, _interface in reactor.tcpServers] == [1024]
+    reactor = MemoryReactor()
+    serverFromString(reactor, parse_listen("tcp:8080")).listen(Factory())
+    assert [backlog for _port, _factory, backlog, _interface in reactor.tcpServers] == [50]
+
+
 def test_parse_listen_output_is_a_valid_strports_description() -> None:
     """What parse_listen builds, Twisted's own parser reads back (no reactor needed)."""
     from twisted.internet.endpoints import _parseServer
 
     _, args, kwargs = _parseServer(parse_listen("[::1]:8080"), None)
     assert args == ["8080"]
-    assert kwargs == {"interface": "::1"}
+    assert kwargs == {"interface": "::1", "backlog": "1024"}
     _, (port, _factory), kwargs = _parseServer(parse_listen("127.0.0.1:0"), None)
     assert port == 0
     assert kwargs["interface"] == "127.0.0.1"
@@ -495,7 +512,7 @@ def test_every_default_parses() -> None:
 
 def test_defaults_produce_the_documented_config() -> None:
     assert load_config({}) == Config(
-        listen="tcp:8080",
+        listen="tcp:8080:backlog=1024",
         engine_host="localhost",
         engine_port=6878,
         engine_scheme="http",
@@ -599,7 +616,7 @@ def test_env_overrides_default() -> None:
         "ACEXY_LOG_LEVEL": "WARNING",
     }
     assert load_config(env) == Config(
-        listen="tcp:0:interface=127.0.0.1",
+        listen="tcp:0:interface=127.0.0.1:backlog=1024",
         engine_host="engine",
         engine_port=7000,
         engine_scheme="https",
@@ -613,7 +630,7 @@ def test_env_overrides_default() -> None:
 
 def test_alias_is_used_when_primary_is_unset() -> None:
     cfg = load_config({"ACEXY_ADDR": ":9000", "ACEXY_BUFFER": "1MiB"})
-    assert cfg.listen == "tcp:9000"
+    assert cfg.listen == "tcp:9000:backlog=1024"
     assert cfg.buffer_size == MiB
 
 
@@ -625,7 +642,7 @@ def test_primary_beats_alias() -> None:
         "ACEXY_BUFFER": "1MiB",
     }
     cfg = load_config(env)
-    assert cfg.listen == "tcp:9001"
+    assert cfg.listen == "tcp:9001:backlog=1024"
     assert cfg.buffer_size == 2 * MiB
 
 
@@ -637,14 +654,14 @@ def test_a_bad_alias_is_not_read_when_the_primary_is_set() -> None:
 def test_option_beats_env_and_alias() -> None:
     env = {"ACEXY_LISTEN_ADDR": ":9001", "ACEXY_ADDR": ":9000", "ACEXY_PORT": "7000"}
     cfg = load_config(env, {"listen": ":9002", "engine-port": "7001"})
-    assert cfg.listen == "tcp:9002"
+    assert cfg.listen == "tcp:9002:backlog=1024"
     assert cfg.engine_port == 7001
 
 
 def test_option_none_means_not_given() -> None:
     cfg = load_config({"ACEXY_PORT": "7000"}, {"engine-port": None, "listen": None})
     assert cfg.engine_port == 7000
-    assert cfg.listen == "tcp:8080"
+    assert cfg.listen == "tcp:8080:backlog=1024"
 
 
 def test_unknown_option_keys_are_ignored() -> None:
@@ -666,7 +683,7 @@ def test_empty_primary_falls_through_to_alias() -> None:
     }
     cfg = load_config(env)
     assert cfg.buffer_size == MiB
-    assert cfg.listen == "tcp:1"
+    assert cfg.listen == "tcp:1:backlog=1024"
 
 
 def test_empty_option_is_an_error_not_unset() -> None:

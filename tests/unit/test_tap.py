@@ -24,13 +24,13 @@ class OptionsTests(SynchronousTestCase):
 
     def test_defaults_are_acexys(self) -> None:
         c = parse().config
-        self.assertEqual((c.listen, c.engine_host, c.engine_port, c.engine_scheme), ("tcp:8080", "localhost", 6878, "http"))
+        self.assertEqual((c.listen, c.engine_host, c.engine_port, c.engine_scheme), ("tcp:8080:backlog=1024", "localhost", 6878, "http"))
         self.assertEqual((c.buffer_size, c.linger, c.empty_timeout), (4 * 1024 * 1024, 5.0, 60.0))
 
     def test_env_then_flag(self) -> None:
         self.patch(os, "environ", {"ACEXY_HOST": "engine.lan", "ACEXY_ADDR": ":9000"})
         c = parse().config
-        self.assertEqual((c.engine_host, c.listen), ("engine.lan", "tcp:9000"))
+        self.assertEqual((c.engine_host, c.listen), ("engine.lan", "tcp:9000:backlog=1024"))
         c = parse("--engine-host", "other").config
         self.assertEqual(c.engine_host, "other")
 
