@@ -10,6 +10,7 @@ not a traceback: it is a configuration mistake, not a command-line one.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Optional
 
 from twisted.python import usage
@@ -45,8 +46,41 @@ class Options(usage.Options):
             raise ConfigExit(e) from None
 
 
+#: Listening endpoint types that never speak TLS.
+_PLAIN_LISTEN = ("tcp:", "tcp6:", "unix:", "systemd:")
+
+
+def uses_tls(config: Config) -> bool:
+    """Whether anything this configuration listens on or connects to speaks TLS."""
+    return (
+        not config.listen.startswith(_PLAIN_LISTEN)
+        or config.engine_scheme == "https"
+        or (config.orch_url or "").startswith("https:")
+    )
+
+
+def leave_tls_unloaded() -> bool:
+    """
+    Keep pyOpenSSL, and the cryptography package under it, out of a process
+    that will never speak TLS: 12 MiB of the 57 MiB idle process.
+
+    Twisted's TCP module imports pyOpenSSL whenever it is installed (for
+    ``startTLS``), the moment the reactor is imported, whether or not anything
+    uses it. Marked missing in ``sys.modules`` before that import, it is not
+    loaded, and Twisted builds its TCP transports without ``startTLS``, just
+    as where pyOpenSSL is not installed. Only done before anything has loaded
+    Twisted's TCP module; returns whether it was done.
+    """
+    if "OpenSSL" in sys.modules or "twisted.internet.tcp" in sys.modules:
+        return False
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]
+    return True
+
+
 def makeService(options: Options, reactor: Any = None) -> Any:
-    if reactor is None:
+    if reactor is None:  # twistd: nothing has imported the reactor yet
+        if options.config is not None and not uses_tls(options.config):
+            leave_tls_unloaded()
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor

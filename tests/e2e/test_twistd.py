@@ -142,6 +142,56 @@ async def test_demo_streams_valid_ts_and_sigterm_stops_within_5s(reactor, tmp_pa
     assert "GET /ace/getstream" not in log  # the access log is off by default
 
 
+async def stop(reactor, proc: Twistd) -> str:
+    """SIGTERM, wait for the exit, return the whole output."""
+    proc.transport.signalProcess(signal.SIGTERM)
+    await proc.ended.addTimeout(TIMEOUT, reactor)
+    return proc.output.decode(errors="replace")
+
+
+def loaded(proc: Twistd, name: str) -> bool:
+    """Whether a file whose path contains ``name`` is mapped into the child."""
+    return name in Path(f"/proc/{proc.transport.pid}/maps").read_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pyopenssl_stays_unloaded_when_nothing_speaks_tls(reactor):
+    proc = spawn(reactor, "--listen", "127.0.0.1:0")
+    try:
+        port = await proc.port.addTimeout(TIMEOUT, reactor)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await HTTPClient(Agent(reactor, pool=pool)).get(f"http://127.0.0.1:{port}/ace/status")
+        assert response.code == 200
+        await response.content()
+        assert not loaded(proc, "cryptography")  # pyOpenSSL's own library, 12 MiB of RSS
+    finally:
+        log = await stop(reactor, proc)
+    assert "Traceback" not in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ssl_listener_under_twistd_serves_https(reactor, tmp_path):
+    from twisted.internet import ssl
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    from tests.integration.test_tls import self_signed
+
+    pem, cert_pem = self_signed(str(tmp_path))
+    proc = spawn(reactor, "--listen", f"ssl:0:privateKey={pem}:interface=127.0.0.1")
+    try:
+        port = await proc.port.addTimeout(TIMEOUT, reactor)
+        policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert_pem))
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        client = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+        response = await client.get(f"https://localhost:{port}/ace/status").addTimeout(TIMEOUT, reactor)
+        assert response.code == 200
+        assert b'"streams"' in await response.content()
+        assert loaded(proc, "cryptography")
+    finally:
+        log = await stop(reactor, proc)
+    assert "Traceback" not in log
+
+
 @pytest_twisted.ensureDeferred
 async def test_bad_setting_stops_startup_naming_the_variable(reactor):
     proc = spawn(reactor, env=clean_env(ACEXY_BUFFER_SIZE="4 potatoes"))

@@ -9,7 +9,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from acexy_tw.service import AcexyService
-from acexy_tw.tap import ConfigExit, Options, makeService
+from acexy_tw.tap import ConfigExit, Options, leave_tls_unloaded, makeService, uses_tls
 
 
 def parse(*argv: str, **env: str) -> Options:
@@ -74,3 +74,29 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(svc.stopService())
         self.assertEqual(reactor.getDelayedCalls(), [])
         self.assertFalse(svc.running)
+
+
+class TLSStackTests(SynchronousTestCase):
+    """Whether the process needs pyOpenSSL at all (see ``leave_tls_unloaded``)."""
+
+    def setUp(self) -> None:
+        self.patch(os, "environ", {})
+
+    def test_plain_listeners_and_http_peers_need_no_tls(self) -> None:
+        for listen in (":8080", "127.0.0.1:8080", "[::1]:8080", "tcp:8080", "unix:/run/acexy.sock",
+                       "systemd:domain=INET:index=0"):  # fmt: skip
+            self.assertFalse(uses_tls(parse("--listen", listen).config), listen)
+        self.assertFalse(uses_tls(parse("--orch-url", "http://orchestrator:8000").config))
+
+    def test_a_tls_listener_an_https_engine_or_orchestrator_needs_it(self) -> None:
+        self.assertTrue(uses_tls(parse("--listen", "ssl:8443:privateKey=k.pem").config))
+        self.assertTrue(uses_tls(parse("--listen", "le:/srv/certs:tcp:443").config))  # any other endpoint type
+        self.assertTrue(uses_tls(parse("--engine-scheme", "https").config))
+        self.assertTrue(uses_tls(parse("--orch-url", "https://orchestrator:8443").config))
+
+    def test_never_done_once_twisted_tcp_or_pyopenssl_is_loaded(self) -> None:
+        # This test process has both: marking pyOpenSSL missing now would break it.
+        self.assertFalse(leave_tls_unloaded())
+        import sys
+
+        self.assertIsNotNone(sys.modules["OpenSSL"])
