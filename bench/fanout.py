@@ -21,9 +21,11 @@ metrics and the engine's own getstream count: must be 1).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +40,7 @@ from common import (  # noqa: E402
     Children,
     LoadClients,
     OutOfTime,
+    RESULTS,
     content_ids,
     cpu_seconds,
     fmt,
@@ -185,6 +188,25 @@ def run_scenario(
     return out
 
 
+def socat_reference(stamp: str, seconds: float = 8.0) -> Dict[str, Any]:
+    """
+    socat relaying one flat-out playback (``bench/relay.py --paths socat``),
+    measured in this run, before the fan-out runs and never during them: the
+    CPU per GB the issue's fan-out target is a multiple of.
+    """
+    out = RESULTS / f"socat-reference-{stamp}.json"
+    argv = [sys.executable, str(Path(__file__).with_name("relay.py")), "--skip", "ttfb", "--paths", "socat",
+            "--seconds", str(seconds), "--json", str(out)]  # fmt: skip
+    try:
+        subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        row = json.loads(out.read_text())["throughput"]["socat"]
+    except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    if "error" in row:
+        return {"error": row["error"]}
+    return {"socat_cpu_s_per_gb": row["relay_cpu_s_per_gb"], "socat_mb_per_s": row["mb_per_s"], "json": str(out)}
+
+
 def bottleneck(row: Dict[str, Any]) -> str:
     """A one-line reading of the CPU figures (2 cores shared by everyone)."""
     cores = len(os.sched_getaffinity(0))
@@ -271,6 +293,13 @@ def render(report: Dict[str, Any], title: str, label: str) -> str:
         "",
     ]
     lines += render_rows(report["runs"], label)
+    ref = report.get("reference", {})
+    if ref.get("socat_cpu_s_per_gb"):
+        ratios = ", ".join(
+            f"{row['label']}: ×{row['proxy_over_socat_relay']:.2f}" for row in report["runs"] if "proxy_over_socat_relay" in row
+        )
+        lines += ["", f"   socat relaying one flat-out stream, same run: {ref['socat_cpu_s_per_gb']:.3f} CPU s/GB; "
+                      f"proxy s/GB ÷ that: {ratios}"]  # fmt: skip
     lines.append("")
     for e in report.get("errors", []):
         lines.append(f"ERROR: {e}")
@@ -292,6 +321,8 @@ def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backlog", type=int, default=None,
                         help="proxy listen queue: --listen tcp:PORT:interface=127.0.0.1:backlog=N (default: the proxy's own, 1024)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="where to write the JSON (default bench/results/<name>-<timestamp>.json)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the socat relay reference measured first (~15 s)")  # fmt: skip
     parser.add_argument("--time-limit", type=int, default=0, metavar="SECONDS", help="abort after this long (default scales)")
 
 
@@ -305,7 +336,7 @@ def run_main(
 ) -> int:
     iso, stamp = timestamp()
     per_run = args.seconds + 60
-    limit = args.time_limit or int(30 + len(plan) * per_run)
+    limit = args.time_limit or int(30 + len(plan) * per_run + (0 if args.no_reference else 120))
     install_limits(limit)
     report: Dict[str, Any] = {
         "timestamp": iso,
@@ -326,6 +357,11 @@ def run_main(
     }
     children = Children()
     started = time.monotonic()
+    if not args.no_reference:
+        print("… socat relay reference (bench/relay.py --paths socat)", flush=True)
+        report["reference"] = socat_reference(stamp)
+        if "error" in report["reference"]:
+            report["errors"].append(f"socat reference: {report['reference']['error']}")
     try:
         for step in plan:
             print(f"… {step['label']}: {step['contents']} content(s) × {step['per_content']} client(s)", flush=True)
@@ -352,6 +388,10 @@ def run_main(
     finally:
         signal.alarm(0)
         children.stop_all()
+    socat = report.get("reference", {}).get("socat_cpu_s_per_gb")
+    for row in report["runs"]:
+        if socat and row.get("proxy_cpu_s_per_gb") is not None:
+            row["proxy_over_socat_relay"] = round(row["proxy_cpu_s_per_gb"] / socat, 2)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     write_json(report, args.json, name, stamp)
     print(render(report, title, label))

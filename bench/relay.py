@@ -289,9 +289,9 @@ class Bench(Children):
             finally:
                 self.stop(proxy)
 
-        run("direct", direct)
-        run("socat", via_socat)
-        run("proxy", via_proxy)
+        for label, fn in (("direct", direct), ("socat", via_socat), ("proxy", via_proxy)):
+            if label in self.args.paths:
+                run(label, fn)
         self.stop(engine)
 
         ratios: Dict[str, Optional[float]] = {}
@@ -431,7 +431,9 @@ def render(report: Dict[str, Any]) -> str:
             f"{'engine s/GB':>11} {'engine %':>8}  {'client s/GB':>11} {'client %':>8}",
         ]
         for label in ("direct", "socat", "proxy"):
-            row = t.get(label, {})
+            if label not in t:
+                continue
+            row = t[label]
             if "error" in row:
                 lines.append(f"   {label:<7} ERROR: {row['error'].splitlines()[0]}")
                 continue
@@ -497,6 +499,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="extra first-byte iterations run first and discarded")
     parser.add_argument("--json", type=Path, help="where to write the JSON (default bench/results/relay-<timestamp>.json)")
     parser.add_argument("--skip", choices=("throughput", "ttfb"), action="append", default=[], help="skip a part")
+    parser.add_argument(
+        "--paths", type=lambda t: [x for x in t.split(",") if x], default=["direct", "socat", "proxy"],
+        help="throughput paths to measure (default direct,socat,proxy; fanout.py asks for socat alone)",
+    )  # fmt: skip
     parser.add_argument(
         "--profile", type=float, default=0, metavar="SECONDS",
         help="also py-spy the proxy under flat-out load for SECONDS (needs py-spy in .venv)",
