@@ -235,10 +235,13 @@ class Placement:
             log.info("orchestrator answers again: placement through it resumes")
             self.in_outage = False
 
+    def _retry_after(self, eta: Optional[int] = None) -> int:
+        """Retry-After for a refusal: the orchestrator's ETA, else the outage poll interval; ≥ 1 s."""
+        return max(1, eta if eta is not None and eta > 0 else int(round(self.outage_poll_interval)))
+
     def _no_engine(self, code: str, eta: Optional[int], message: Optional[str] = None) -> NoEngine:
         if code in MESSAGES:
-            retry = eta if eta is not None and eta > 0 else int(round(self.outage_poll_interval))
-            return NoEngine(MESSAGES[code], code=code, http_status=503, retry_after=max(1, retry))
+            return NoEngine(MESSAGES[code], code=code, http_status=503, retry_after=self._retry_after(eta))
         return NoEngine(message or "the orchestrator could not provide an engine", code=code, http_status=502)
 
     def _wait_for(self, refusal: ProvisionBlocked, attempt: int) -> float:
@@ -291,7 +294,7 @@ class Placement:
                     container_id = found
                     break
                 if attempt == self.attempts:
-                    raise NoEngine("provisioning an engine timed out", code="provision_timeout", retry_after=int(self.outage_poll_interval))
+                    raise NoEngine("provisioning an engine timed out", code="provision_timeout", retry_after=self._retry_after())
             except ProvisionBlocked as refusal:
                 self._count("blocked")
                 retryable = refusal.should_wait or refusal.can_retry
@@ -341,7 +344,7 @@ class Placement:
                 raise NoEngine(
                     f"the new engine did not answer within {self.engine_ready_timeout:g}s",
                     code="engine_not_ready",
-                    retry_after=int(self.outage_poll_interval),
+                    retry_after=self._retry_after(),
                 )
             try:
                 engines = await self.orchestrator.engines()

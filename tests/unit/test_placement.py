@@ -306,8 +306,8 @@ class ProvisioningTests(SynchronousTestCase):
         engine, _ = self.successResultOf(d)
         self.assertEqual((engine.address.host, engine.address.port), (new.host, new.port))
 
-    def test_engine_never_ready_times_out(self) -> None:
-        h = Harness()
+    @staticmethod
+    def _engines_never_ready(h: "Harness") -> None:
         real_make = h._make
 
         def make(host: str, port: int, cid: Optional[str]) -> FakeEngine:
@@ -316,11 +316,26 @@ class ProvisioningTests(SynchronousTestCase):
             return e
 
         h.placement._make_engine = make
+
+    def test_engine_never_ready_times_out(self) -> None:
+        h = Harness()
+        self._engines_never_ready(h)
         d = h.place(key(1))
         h.clock.pump([0.25] * 121)
         f = self.failureResultOf(d, NoEngine)
         self.assertEqual(f.value.code, "engine_not_ready")
+        self.assertEqual(f.value.retry_after, 10)  # the outage poll interval
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_retry_after_is_never_below_one_second(self) -> None:
+        # An outage poll interval under a second must not answer "Retry-After: 0"
+        # (a player would hammer the proxy): every refusal says at least 1.
+        h = Harness()
+        h.placement.outage_poll_interval = 0.4
+        self._engines_never_ready(h)
+        d = h.place(key(1))
+        h.clock.pump([0.25] * 121)
+        self.assertEqual(self.failureResultOf(d, NoEngine).value.retry_after, 1)
 
 
 class ReservationTests(SynchronousTestCase):
