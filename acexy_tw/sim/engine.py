@@ -140,9 +140,10 @@ class _TrackedChannel(HTTPChannel):
         self.factory.connection_lost(self)
 
 
-class _SimSite(Site):
+class SimSite(Site):
     """A quiet ``Site`` (no access log: benchmarks make many requests) that
-    tracks its open connections."""
+    tracks its open connections; the simulated engine and orchestrator both
+    serve through one."""
 
     protocol = _TrackedChannel
     noisy = False
@@ -546,7 +547,7 @@ class SimEngine:
         self._by_token: Dict[str, SimSession] = {}
         self._conditions = Conditions(self)
         self._answers = _PendingAnswers(reactor, self._changed)
-        self._site = _SimSite(_EngineResource(self), reactor, self._changed)
+        self._site = SimSite(_EngineResource(self), reactor, self._changed)
         self._listening: Optional[IListeningPort] = None
 
     # --- listening ------------------------------------------------------------

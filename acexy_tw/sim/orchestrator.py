@@ -65,7 +65,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from acexy_tw.sim.conditions import Conditions
-from acexy_tw.sim.engine import SimEngine, _SimSite
+from acexy_tw.sim.engine import SimEngine, SimSite
 
 __all__ = ["SimOrchestrator", "SimEngineHandle", "SimStream", "FAILURE_CODES", "main"]
 
@@ -628,7 +628,7 @@ class SimOrchestrator:
         self._pending_provisions = 0
         self._timers: List[IDelayedCall] = []
         self._conditions = Conditions(self)
-        self._site = _SimSite(_OrchestratorResource(self), reactor, self._changed)
+        self._site = SimSite(_OrchestratorResource(self), reactor, self._changed)
         self._listening: Optional[IListeningPort] = None
         self.port: Optional[int] = None
         self.interface: Optional[str] = None
