@@ -93,6 +93,16 @@ class OrchestratorTestCase(TestCase):
     async def provision(self, **kwargs: Any) -> Tuple[int, Any]:
         return await self.call("POST", "/provision/acestream", {"labels": {}, "env": {}}, **kwargs)
 
+    async def refused(self, status: int) -> Dict[str, Any]:
+        """Provision, expecting a structured refusal with ``status``: its ``detail``,
+        with the free-text ``message`` checked and removed."""
+        code, body = await self.provision()
+        self.assertEqual(code, status)
+        self.assertEqual(set(body), {"detail"})
+        detail = body["detail"]
+        self.assertIsInstance(detail.pop("message"), str)
+        return detail
+
     def started_event(self, handle: Any, stream_id: str = "abc|psid-1", **overrides: Any) -> dict:
         session = {
             "playback_session_id": stream_id.split("|")[-1],
@@ -238,11 +248,7 @@ class ProvisionErrorTests(OrchestratorTestCase):
 
     async def test_vpn_disconnected(self) -> None:
         self.orch.set_vpn(connected=False)
-        code, body = await self.provision()
-        self.assertEqual(code, 503)
-        self.assertEqual(set(body), {"detail"})
-        detail = body["detail"]
-        self.assertIsInstance(detail.pop("message"), str)
+        detail = await self.refused(503)
         self.assertEqual(
             detail,
             {
@@ -260,10 +266,7 @@ class ProvisionErrorTests(OrchestratorTestCase):
 
     async def test_vpn_error(self) -> None:
         self.orch.vpn_error(True)
-        code, body = await self.provision()
-        self.assertEqual(code, 503)
-        detail = body["detail"]
-        self.assertIsInstance(detail.pop("message"), str)
+        detail = await self.refused(503)
         self.assertEqual(
             detail,
             {
@@ -278,10 +281,7 @@ class ProvisionErrorTests(OrchestratorTestCase):
 
     async def test_breaker_counts_down_and_stays_open_at_zero(self) -> None:
         self.orch.open_breaker(1)
-        code, body = await self.provision()
-        self.assertEqual(code, 503)
-        detail = body["detail"]
-        self.assertIsInstance(detail.pop("message"), str)
+        detail = await self.refused(503)
         self.assertEqual(
             detail,
             {
@@ -327,10 +327,7 @@ class ProvisionErrorTests(OrchestratorTestCase):
 
     async def test_general_error_then_success(self) -> None:
         self.orch.fail_next_provisions(1)
-        code, body = await self.provision()
-        self.assertEqual(code, 500)
-        detail = body["detail"]
-        self.assertIsInstance(detail.pop("message"), str)
+        detail = await self.refused(500)
         self.assertEqual(
             detail,
             {
