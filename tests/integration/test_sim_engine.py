@@ -35,6 +35,25 @@ def within(d: Deferred) -> Deferred:
     return d.addTimeout(TIMEOUT, reactor)
 
 
+def assert_session_answer(test: Any, body: Dict[str, Any], content: str, playback_url: str) -> Dict[str, Any]:
+    """
+    A JSON session answer (getstream or manifest) for ``content``: no error,
+    the session's fields, and stat/command URLs at the advertised address;
+    ``playback_url`` is the pattern its playback URL must match, with
+    ``{infohash}`` in it. Returns the answer.
+    """
+    test.assertIsNone(body["error"])
+    answer = body["response"]
+    infohash = hashlib.sha1(content.lower().encode()).hexdigest()
+    test.assertEqual(answer["infohash"], infohash)
+    test.assertRegex(answer["playback_session_id"], HEX40)
+    test.assertEqual((answer["is_live"], answer["is_encrypted"], answer["client_session_id"]), (1, 0, -1))
+    test.assertRegex(answer["playback_url"], playback_url.format(infohash=infohash))
+    for key, kind in (("stat_url", "stat"), ("command_url", "cmd")):
+        test.assertRegex(answer[key], rf"^http://127\.0\.0\.1:6878/ace/{kind}/{infohash}/[0-9a-f]+$")
+    return answer
+
+
 class BodyReader(Protocol):
     """Reads a streaming response body; a test can wait for N bytes or the end.
 
@@ -168,14 +187,9 @@ class EngineTestCase(TestCase):
 class GetstreamTests(EngineTestCase):
     async def test_success_shape_and_advertised_urls(self) -> None:
         body = await self.getstream(id="ABCdef", pid="p1", transcode_audio="0")
-        self.assertIsNone(body["error"])
-        answer = body["response"]
-        infohash = hashlib.sha1(b"abcdef").hexdigest()
-        self.assertEqual(answer["infohash"], infohash)
-        self.assertRegex(answer["playback_session_id"], HEX40)
-        self.assertEqual((answer["is_live"], answer["is_encrypted"], answer["client_session_id"]), (1, 0, -1))
-        for key, kind in (("playback_url", "r"), ("stat_url", "stat"), ("command_url", "cmd")):
-            self.assertRegex(answer[key], rf"^http://127\.0\.0\.1:6878/ace/{kind}/{infohash}/[0-9a-f]+$")
+        answer = assert_session_answer(
+            self, body, "ABCdef", r"^http://127\.0\.0\.1:6878/ace/r/{infohash}/[0-9a-f]+$"
+        )
         self.assertNotEqual(self.engine.port, 6878)
         self.assertEqual(
             self.engine.getstream_calls,

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -31,11 +30,11 @@ from treq.client import HTTPClient
 
 from acexy_tw.sim.engine import SimEngine
 from acexy_tw.streaming.mpegts import PACKET_SIZE
+from tests.integration.test_sim_engine import assert_session_answer
 
 TIMEOUT = 10
 SEGMENT = 0.3  # short segments: the playlist slides quickly
 WINDOW = 4
-HEX40 = re.compile(r"^[0-9a-f]{40}$")
 FFMPEG = shutil.which("ffmpeg")
 FFPROBE = shutil.which("ffprobe")
 TIMEOUT_TOOL = shutil.which("timeout")
@@ -197,15 +196,10 @@ class HlsTestCase(TestCase):
 class ManifestTests(HlsTestCase):
     async def test_manifest_json_shape_and_advertised_urls(self) -> None:
         body = await self.manifest_json(id="ABCdef", pid="p1", transcode_audio="0")
-        self.assertIsNone(body["error"])
-        answer = body["response"]
-        infohash = hashlib.sha1(b"abcdef").hexdigest()
-        self.assertEqual(answer["infohash"], infohash)
-        self.assertRegex(answer["playback_session_id"], HEX40)
-        self.assertEqual((answer["is_live"], answer["is_encrypted"], answer["client_session_id"]), (1, 0, -1))
-        self.assertRegex(answer["playback_url"], rf"^http://127\.0\.0\.1:6878/ace/m/{infohash}/[0-9a-f]+\.m3u8$")
-        for key, kind in (("stat_url", "stat"), ("command_url", "cmd")):
-            self.assertRegex(answer[key], rf"^http://127\.0\.0\.1:6878/ace/{kind}/{infohash}/[0-9a-f]+$")
+        answer = assert_session_answer(
+            self, body, "ABCdef", r"^http://127\.0\.0\.1:6878/ace/m/{infohash}/[0-9a-f]+\.m3u8$"
+        )
+        infohash = answer["infohash"]
         self.assertEqual(
             self.engine.manifest_calls,
             [{"format": "json", "id": "ABCdef", "pid": "p1", "transcode_audio": "0"}],
