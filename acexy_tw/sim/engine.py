@@ -66,7 +66,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from acexy_tw.sim.conditions import Conditions
-from acexy_tw.sim.hls import MIN_SEGMENT_DURATION, HlsStream
+from acexy_tw.sim.hls import HlsStream, check_timing
 from acexy_tw.sim.model import Behaviour, SimSession
 from acexy_tw.sim.playback import PlaybackStream
 from acexy_tw.sim.tsgen import FLAT_OUT_NOMINAL_BITRATE
@@ -511,10 +511,7 @@ class SimEngine:
         hls_window: int = 4,
         hls_direct: bool = False,
     ) -> None:
-        if hls_segment_duration < MIN_SEGMENT_DURATION:
-            raise ValueError(f"hls_segment_duration must be at least {MIN_SEGMENT_DURATION} s")
-        if hls_window < 1:
-            raise ValueError("hls_window must be at least 1")
+        check_timing(hls_segment_duration, hls_window, prefix="hls_")  # now, not at the first manifest
         self.reactor = reactor
         self.bitrate = bitrate
         self.advertise_host = advertise_host

@@ -49,6 +49,15 @@ def playlist_segment_url(base: str, infohash: str, n: int) -> str:
     return f"{base}/ace/c/{infohash}/{n}.ts"
 
 
+
+def check_timing(segment_duration: float, window: int, prefix: str = "") -> None:
+    """ValueError naming ``prefix + "segment_duration"`` / ``"window"`` when out of range."""
+    if segment_duration < MIN_SEGMENT_DURATION:
+        raise ValueError(f"{prefix}segment_duration must be at least {MIN_SEGMENT_DURATION} s")
+    if window < 1:
+        raise ValueError(f"{prefix}window must be at least 1")
+
+
 class HlsStream:
     """
     The live HLS timeline and segments of one content (infohash).
@@ -69,10 +78,7 @@ class HlsStream:
         window: int,
         started_at: float,
     ) -> None:
-        if segment_duration < MIN_SEGMENT_DURATION:
-            raise ValueError(f"segment_duration must be at least {MIN_SEGMENT_DURATION} s")
-        if window < 1:
-            raise ValueError("window must be at least 1")
+        check_timing(segment_duration, window)
         self.infohash = infohash
         self.bitrate = bitrate
         self.segment_duration = segment_duration
