@@ -43,6 +43,12 @@ HLS (see :mod:`acexy_tw.sim.hls` for the timeline and segments):
 Knobs: ``Behaviour.manifest_status``/``manifest_delay`` (playlist),
 ``segment_status``/``segment_delay`` (segments).
 
+Failures are persistent: ``behaviour`` is copied onto every request, so
+``Behaviour(reset_after=0)`` makes every playback answer 200 and reset at
+once, ``stall_after=N`` stalls every playback after N bytes.  For a failure
+that heals, :meth:`SimEngine.fail_next_playbacks` fails only the next n
+playbacks (:attr:`SimEngine.failing_playbacks` are still to come).
+
 The reactor is always passed in; this module never imports the global one
 except in :func:`main`.
 """
@@ -76,6 +82,8 @@ __all__ = ["SimEngine", "Behaviour", "SimSession", "PlaybackStream", "HlsStream"
 #: query parameters that select the content, in the order they are honoured
 SELECTORS = ("content_id", "id", "infohash", "url", "magnet")
 UNKNOWN_SESSION = "unknown playback session id"
+#: what :meth:`SimEngine.fail_next_playbacks` can make a playback do
+PLAYBACK_FAILURES = ("reset", "eof", "stall")
 VERSION_INFO = {"code": 3020300, "platform": "linux", "version": "3.2.3"}
 PLAYLIST_TYPE = b"application/vnd.apple.mpegurl"
 SEGMENT_NAME = re.compile(r"^(\d{1,12})\.ts$")
@@ -405,7 +413,7 @@ class _EngineResource(Resource):
         stream = PlaybackStream(
             request,
             session,
-            copy(engine.behaviour),
+            engine._playback_behaviour(),
             reactor=engine.reactor,
             bitrate=engine.bitrate,
             tick=engine.tick,
@@ -534,7 +542,8 @@ class SimEngine:
         self.segment_requests = 0
         #: the live HLS stream of each content with an active HLS session
         self.hls_streams: Dict[str, HlsStream] = {}
-        #: every session, by playback_session_id (stopped ones stay)
+        #: every session, by playback_session_id (stopped ones stay, so
+        #: ``len(sessions)`` counts every session ever opened)
         self.sessions: Dict[str, SimSession] = {}
         #: stop commands received, for any session, answered or not
         self.stop_count = 0
@@ -542,6 +551,8 @@ class SimEngine:
         self.port: Optional[int] = None
         self.interface: Optional[str] = None
         self._by_token: Dict[str, SimSession] = {}
+        #: scripted failures of the next playbacks: (how, after bytes), in order
+        self._playback_failures: List[Tuple[str, int]] = []
         self._conditions = Conditions(self)
         self._answers = _PendingAnswers(reactor, self._changed)
         self._site = SimSite(_EngineResource(self), reactor, self._changed)
@@ -639,6 +650,46 @@ class SimEngine:
     def _changed(self) -> None:
         """Re-check the ``when`` waiters; called after every state change."""
         self._conditions.changed()
+
+    # --- scripting -----------------------------------------------------------------
+
+    def fail_next_playbacks(self, n: int, *, how: str = "reset", after: int = 0) -> None:
+        """
+        The next ``n`` playback connections of any session (counted on
+        arrival; a 404 for an unknown or stopped session is not one) answer
+        200 and then, after ``after`` bytes, reset the TCP connection
+        (``"reset"``), end the response cleanly (``"eof"``) or go silent with
+        the connection open (``"stall"``, rounded down to whole packets).
+        ``playback_delay`` still applies; ``playback_status``,
+        ``playback_hang`` and the byte-budget knobs of :attr:`behaviour` do not.
+        Later playbacks follow :attr:`behaviour` again.  Calls add up, in order.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an int >= 0, not {n!r}")
+        if how not in PLAYBACK_FAILURES:
+            raise ValueError(f"unknown how {how!r}; one of {', '.join(PLAYBACK_FAILURES)}")
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise ValueError(f"after must be an int >= 0, not {after!r}")
+        self._playback_failures.extend([(how, after)] * n)
+        self._changed()
+
+    @property
+    def failing_playbacks(self) -> int:
+        """Playbacks still to fail from :meth:`fail_next_playbacks`."""
+        return len(self._playback_failures)
+
+    def _playback_behaviour(self) -> Behaviour:
+        """The behaviour of a playback arriving now: a copy of
+        :attr:`behaviour`, or the next scripted failure."""
+        behaviour = copy(self.behaviour)
+        if self._playback_failures:
+            how, after = self._playback_failures.pop(0)
+            behaviour.playback_status = 200
+            behaviour.playback_hang = False
+            behaviour.stall_after = after if how == "stall" else None
+            behaviour.eof_after = after if how == "eof" else None
+            behaviour.reset_after = after if how == "reset" else None
+        return behaviour
 
     # --- sessions ------------------------------------------------------------------
 

@@ -21,7 +21,9 @@ class Behaviour:
     How the engine misbehaves; the defaults describe a well-behaved engine.
 
     The engine copies this object when a request arrives, so a change applies
-    to requests arriving after it, never to one already being answered.
+    to requests arriving after it, never to one already being answered, and
+    applies to every one of them: a failure here is persistent (for one that
+    heals, see ``SimEngine.fail_next_playbacks``).
     """
 
     # getstream
@@ -45,7 +47,8 @@ class Behaviour:
     stall_after: Optional[int] = None
     #: send exactly this many bytes, then finish the response cleanly
     eof_after: Optional[int] = None
-    #: send exactly this many bytes, then reset the TCP connection
+    #: send exactly this many bytes, then reset the TCP connection (0: reset
+    #: right after the 200 response headers)
     reset_after: Optional[int] = None
 
     # HLS (``/ace/manifest.m3u8`` starts a session like getstream and obeys

@@ -31,8 +31,23 @@ where it is known):
   "stream": {...}}`` when it ended a started stream with exactly that
   ``stream_id``, else ``{"updated": false}`` (and the body is also added to
   :attr:`SimOrchestrator.unmatched_ended`).
-- At ``max_replicas`` a provision answers 500 ``general_error`` (what the real
-  one does: only ``/orchestrator/status`` carries the ``max_capacity`` code).
+- ``max_replicas`` is reported in ``capacity`` and, once that many engines
+  run, as ``max_capacity`` in ``blocked_reason_details`` (``can_provision``
+  false), but what a provision does there is ``replica_limit``: ``"none"`` (the
+  default, what the real ``/provision/acestream`` does) never refuses for it
+  and starts another engine; ``"gluetun"`` (the real one's Gluetun mode, whose
+  port range is the limit) answers 500 ``{"detail": "Maximum active replicas
+  limit reached (N)"}`` once engines plus provisions in progress reach
+  ``max_replicas`` (a plain string even without ``legacy_errors``; checked after
+  the VPN and the breaker, at once, and recorded as ``last_failure``).
+- ``status_lag`` (seconds, default 0) makes ``GET /orchestrator/status`` answer
+  the document as it was that long ago, as the real one's polled status lags
+  reality: a VPN drop, an opened breaker or full capacity shows first as a
+  refusal of a provision made in between.  Provisions always act on the
+  current state.  Documents are recorded on every change and status request
+  (one entry per distinct document) while the lag is positive; the answer at
+  time t is the newest recorded at or before ``t - status_lag`` (the oldest
+  when none is that old), with ``timestamp`` the time it stands for.
 - ``vpn_error`` answers with ``"error": "provisioning_failed"`` as the real
   orchestrator does (``vpn_disconnected`` and ``circuit_breaker`` are
   ``provisioning_blocked``).  VPN and breaker refusals are immediate; scripted
@@ -48,6 +63,7 @@ except in :func:`main`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import secrets
@@ -67,7 +83,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from acexy_tw.sim.conditions import Conditions
 from acexy_tw.sim.engine import SimEngine, SimSite
 
-__all__ = ["SimOrchestrator", "SimEngineHandle", "SimStream", "FAILURE_CODES", "main"]
+__all__ = ["SimOrchestrator", "SimEngineHandle", "SimStream", "FAILURE_CODES", "REPLICA_LIMITS", "main"]
 
 log = Logger()
 
@@ -118,6 +134,8 @@ _ERRORS: Dict[str, Tuple[int, str, str, Optional[int], bool, bool, str]] = {
 }
 #: codes :meth:`SimOrchestrator.fail_next_provisions` accepts
 FAILURE_CODES = tuple(_ERRORS)
+#: values of :attr:`SimOrchestrator.replica_limit`
+REPLICA_LIMITS = ("none", "gluetun")
 
 
 # --- small helpers -------------------------------------------------------------------
@@ -396,7 +414,7 @@ class _OrchestratorResource(Resource):
         self._orch.status_calls += 1
         if self._orch.status_hang:
             return  # never answered (the connection is reset by down()/shutdown())
-        _send_json(request, self._orch.status_document())
+        _send_json(request, self._orch.served_status_document())
 
     def _engines(self, request: Request) -> None:
         orch = self._orch
@@ -557,13 +575,19 @@ class SimOrchestrator:
 
     :param reactor: provides ``IReactorTCP`` and ``IReactorTime``.
     :param api_key: the bearer token POSTs must carry.
-    :param max_replicas: engines (running plus being provisioned) at which
-        provisioning refuses; reported in ``capacity``.
+    :param max_replicas: reported in ``capacity`` and, once reached by the
+        running engines, as ``max_capacity`` in the status; whether it also
+        refuses provisions is ``replica_limit``.
     :param min_replicas: only reported.
     :param engine_bitrate: bit/s of every engine's playbacks.
     :param provision_delay: seconds a provision takes to answer (settable).
     :param engine_ready_delay: seconds after a provision answered before the
         new engine accepts connections (settable).
+    :param status_lag: seconds by which ``GET /orchestrator/status`` lags the
+        real state (settable; 0: no lag).
+    :param replica_limit: ``"none"`` (provisions ignore ``max_replicas``) or
+        ``"gluetun"`` (a 500 string ``detail`` at ``max_replicas`` engines plus
+        provisions in progress); settable.
     """
 
     def __init__(
@@ -576,6 +600,8 @@ class SimOrchestrator:
         engine_bitrate: Optional[int] = 2_000_000,
         provision_delay: float = 0.0,
         engine_ready_delay: float = 0.0,
+        status_lag: float = 0.0,
+        replica_limit: str = "none",
     ) -> None:
         self.reactor = reactor
         self.api_key = api_key
@@ -632,6 +658,12 @@ class SimOrchestrator:
         self._listening: Optional[IListeningPort] = None
         self.port: Optional[int] = None
         self.interface: Optional[str] = None
+        #: (reactor time, status document) while ``status_lag`` > 0, oldest first
+        self._status_history: List[Tuple[float, dict]] = []
+        self._status_lag = 0.0
+        self._replica_limit = "none"
+        self.replica_limit = replica_limit
+        self.status_lag = status_lag
 
     # --- listening ------------------------------------------------------------------
 
@@ -816,8 +848,8 @@ class SimOrchestrator:
             return "vpn_disconnected", 60
         if self.breaker_state != "closed":
             return "circuit_breaker", self.breaker_eta
-        if len(self._engines) + self._pending_provisions >= self.max_replicas:
-            return "max_capacity", None
+        if self.replica_limit == "gluetun" and len(self._engines) + self._pending_provisions >= self.max_replicas:
+            return "replica_limit", None
         return None
 
     def _take_scripted_failure(self) -> Optional[str]:
@@ -828,16 +860,15 @@ class SimOrchestrator:
         return None
 
     def _answer_error(self, request: Request, code: str, eta: Optional[int] = None) -> None:
-        if code == "max_capacity":
-            status, error, legacy = 500, "provisioning_failed", "max capacity reached"
-            message = f"Failed to provision engine: maximum number of replicas ({self.max_replicas}) reached"
-            eta, can_retry, should_wait, code = None, False, False, "general_error"
-        else:
-            status, error, message, default_eta, can_retry, should_wait, legacy = _ERRORS[code]
-            eta = default_eta if eta is None else eta
-            if code == "circuit_breaker":
-                can_retry = self.breaker_state == "half_open"
-                message = f"Circuit breaker is {self.breaker_state} due to repeated failures"
+        if code == "replica_limit":  # Gluetun mode: the port allocator's error, as a string
+            self.last_failure = self.reactor.seconds()
+            _send_json(request, {"detail": f"Maximum active replicas limit reached ({self.max_replicas})"}, 500)
+            return
+        status, error, message, default_eta, can_retry, should_wait, legacy = _ERRORS[code]
+        eta = default_eta if eta is None else eta
+        if code == "circuit_breaker":
+            can_retry = self.breaker_state == "half_open"
+            message = f"Circuit breaker is {self.breaker_state} due to repeated failures"
         if self.legacy_errors:
             _send_json(request, {"detail": legacy}, status)
             return
@@ -972,6 +1003,40 @@ class SimOrchestrator:
         self._changed()
 
     @property
+    def replica_limit(self) -> str:
+        """What a provision does at ``max_replicas``: ``"none"`` or ``"gluetun"``
+        (see the module docstring); a ValueError for anything else."""
+        return self._replica_limit
+
+    @replica_limit.setter
+    def replica_limit(self, value: str) -> None:
+        if value not in REPLICA_LIMITS:
+            raise ValueError(f"unknown replica_limit {value!r}; one of {', '.join(REPLICA_LIMITS)}")
+        self._replica_limit = value
+        self._changed()
+
+    @property
+    def status_lag(self) -> float:
+        """Seconds by which ``GET /orchestrator/status`` lags the state (≥ 0).
+
+        Setting it records the current document, so the lagged status starts
+        from the state at that moment; setting 0 serves the current state again
+        at once.  A plain attribute set directly (``max_replicas``,
+        ``vpn_connected``, ...) is not a change notice: it is recorded with the
+        next change or status request."""
+        return self._status_lag
+
+    @status_lag.setter
+    def status_lag(self, value: float) -> None:
+        lag = float(value)
+        if not lag >= 0 or math.isinf(lag):
+            raise ValueError(f"status_lag must be a finite number of seconds >= 0, not {value!r}")
+        self._status_lag = lag
+        if lag == 0:
+            self._status_history.clear()
+        self._changed()
+
+    @property
     def engines_fail(self) -> bool:
         return self._engines_fail
 
@@ -1014,6 +1079,43 @@ class SimOrchestrator:
             "can_retry": can_retry,
             "should_wait": True,
         }
+
+    def served_status_document(self) -> dict:
+        """The ``GET /orchestrator/status`` body as served: the current
+        document, or with ``status_lag`` the one recorded ``status_lag``
+        seconds ago (the oldest recorded when none is that old), its
+        ``timestamp`` the time it stands for."""
+        if self._status_lag <= 0:
+            return self.status_document()
+        self._record_status()
+        cutoff = self.reactor.seconds() - self._status_lag
+        when, doc = self._status_history[0]
+        for recorded, document in self._status_history:
+            if recorded > cutoff:
+                break
+            when, doc = recorded, document
+        served = copy.deepcopy(doc)
+        served["timestamp"] = rfc3339(max(when, cutoff))
+        return served
+
+    def _record_status(self) -> None:
+        """Remember the current document for a lagged status (only while
+        ``status_lag`` > 0): a new entry when it differs from the newest one
+        other than by ``timestamp``; entries older than the newest one at or
+        before ``now - status_lag`` are no longer needed and are dropped."""
+        if self._status_lag <= 0:
+            return
+        now = self.reactor.seconds()
+        doc = self.status_document()
+        history = self._status_history
+        if not history or {**history[-1][1], "timestamp": None} != {**doc, "timestamp": None}:
+            history.append((now, doc))
+        cutoff = now - self._status_lag
+        needed = 0
+        for i, (recorded, _) in enumerate(history):
+            if recorded <= cutoff:
+                needed = i
+        del history[:needed]
 
     def status_document(self) -> dict:
         """The ``GET /orchestrator/status`` body for the current state."""
@@ -1083,7 +1185,9 @@ class SimOrchestrator:
         return self._conditions.when(predicate)
 
     def _changed(self) -> None:
-        """Re-check the ``when`` waiters; called after every state change."""
+        """Re-check the ``when`` waiters (and record the status document for
+        ``status_lag``); called after every state change."""
+        self._record_status()
         self._conditions.changed()
 
 
@@ -1106,6 +1210,15 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--bitrate", type=parse_bitrate, default=2_000_000, help="engines' bitrate, e.g. 4M")
     parser.add_argument("--provision-delay", type=float, default=0.0, help="seconds a provision takes")
     parser.add_argument("--engine-ready-delay", type=float, default=0.0, help="seconds until a new engine answers")
+    parser.add_argument(
+        "--status-lag", type=float, default=0.0, help="seconds by which /orchestrator/status lags the real state"
+    )
+    parser.add_argument(
+        "--replica-limit",
+        choices=REPLICA_LIMITS,
+        default="none",
+        help="none: provisions ignore --max-replicas; gluetun: a 500 at --max-replicas",
+    )
     return parser.parse_args(argv)
 
 
@@ -1124,6 +1237,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         engine_bitrate=args.bitrate,
         provision_delay=args.provision_delay,
         engine_ready_delay=args.engine_ready_delay,
+        status_lag=args.status_lag,
+        replica_limit=args.replica_limit,
     )
     orch.listen(args.port, args.interface)
     for _ in range(args.engines):

@@ -484,6 +484,128 @@ class MisbehaviourTests(EngineTestCase):
         await reader.at_least(reader.received + 10 * PACKET_SIZE)  # still streaming
 
 
+class PersistentFailureTests(EngineTestCase):
+    """A misbehaviour set in ``behaviour`` hits every playback, not only the first."""
+
+    async def test_reset_after_zero_resets_every_playback_right_after_its_headers(self) -> None:
+        self.engine.behaviour = Behaviour(reset_after=0)
+        for i in range(3):
+            answer, response, reader = await self.start(f"content-{i}")
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"video/MP2T"])
+            await reader.ended()
+            self.assertFalse(reader.reason.check(ResponseDone), reader.reason)
+            self.assertEqual(reader.received, 0)
+            [stream] = self.engine.sessions[answer["playback_session_id"]].playbacks
+            await self.wait(lambda e: not stream.is_open)
+            self.assertEqual((stream.end_reason, stream.bytes_sent), ("reset", 0))
+        sessions = list(self.engine.sessions.values())
+        self.assertEqual(len(sessions), 3)
+        self.assertEqual([s.created_at for s in sessions], sorted(s.created_at for s in sessions))
+        self.assertEqual([(s.stop_commands, s.open_playbacks) for s in sessions], [(0, [])] * 3)
+
+    async def test_stall_after_stalls_every_playback(self) -> None:
+        self.engine.behaviour.stall_after = 10 * PACKET_SIZE + 100  # rounds down to 10 packets
+        for i in range(3):
+            answer, response, reader = await self.start(f"content-{i}")
+            self.assertEqual(response.code, 200)
+            [stream] = self.engine.sessions[answer["playback_session_id"]].playbacks
+            await self.wait(lambda e: stream.state == stream.STALLED)
+            await reader.at_least(10 * PACKET_SIZE)
+            await self.get_json(self.local(answer["stat_url"]))  # let the reactor turn
+            self.assertEqual((reader.received, stream.bytes_sent), (10 * PACKET_SIZE, 10 * PACKET_SIZE))
+            self.assertIsNone(reader.reason)
+        self.assertEqual(self.engine.open_playbacks, 3)
+        self.assertEqual(len(self.engine.sessions), 3)
+
+
+class FailNextPlaybacksTests(EngineTestCase):
+    """``fail_next_playbacks``: the next n playbacks fail, then the engine heals."""
+
+    async def three_playbacks(self, how: str, after: int) -> List[Tuple[Any, BodyReader, Any]]:
+        """Script two failures, then open three playbacks (one session each):
+        ``(response, reader, stream)`` of each, the scripted count checked."""
+        self.engine.fail_next_playbacks(2, how=how, after=after)
+        self.assertEqual(self.engine.failing_playbacks, 2)
+        played = []
+        for i in range(3):
+            answer, response, reader = await self.start(f"content-{i}")
+            self.assertEqual(self.engine.failing_playbacks, max(0, 1 - i))
+            self.assertEqual(response.code, 200)
+            [stream] = self.engine.sessions[answer["playback_session_id"]].playbacks
+            played.append((response, reader, stream))
+        return played
+
+    async def assert_streams_normally(self, reader: BodyReader, stream: Any) -> None:
+        await reader.at_least(reader.received + 100 * PACKET_SIZE)
+        self.assertEqual(stream.state, stream.STREAMING)
+        self.assertIsNone(reader.reason)
+        self.assertIsNone(stream.behaviour.reset_after)
+
+    async def test_reset(self) -> None:
+        played = await self.three_playbacks("reset", after=0)
+        for _, reader, stream in played[:2]:
+            await reader.ended()
+            self.assertFalse(reader.reason.check(ResponseDone), reader.reason)
+            self.assertEqual((reader.received, stream.end_reason), (0, "reset"))
+        await self.assert_streams_normally(*played[2][1:])
+
+    async def test_reset_after_bytes(self) -> None:
+        played = await self.three_playbacks("reset", after=50 * PACKET_SIZE)
+        for _, reader, stream in played[:2]:
+            await reader.ended()
+            self.assertFalse(reader.reason.check(ResponseDone), reader.reason)
+            self.assertEqual((reader.received, stream.end_reason), (50 * PACKET_SIZE, "reset"))
+        await self.assert_streams_normally(*played[2][1:])
+
+    async def test_eof(self) -> None:
+        played = await self.three_playbacks("eof", after=20 * PACKET_SIZE)
+        for _, reader, stream in played[:2]:
+            await reader.ended()
+            self.assertTrue(reader.reason.check(ResponseDone), reader.reason)
+            self.assertEqual((reader.received, stream.end_reason), (20 * PACKET_SIZE, "eof"))
+        await self.assert_streams_normally(*played[2][1:])
+
+    async def test_stall(self) -> None:
+        played = await self.three_playbacks("stall", after=1000)  # rounds down to 5 packets
+        for _, reader, stream in played[:2]:
+            await self.wait(lambda e: stream.state == stream.STALLED)
+            await reader.at_least(5 * PACKET_SIZE)
+        await self.assert_streams_normally(*played[2][1:])
+        for _, reader, stream in played[:2]:  # still silent, still open
+            self.assertEqual((reader.received, stream.bytes_sent), (5 * PACKET_SIZE, 5 * PACKET_SIZE))
+            self.assertEqual(stream.state, stream.STALLED)
+            self.assertIsNone(reader.reason)
+        self.assertEqual(self.engine.open_playbacks, 3)
+
+    async def test_counted_on_arrival_engine_wide_and_over_behaviour(self) -> None:
+        self.engine.behaviour.playback_status = 500  # overridden by the scripted failure
+        self.engine.fail_next_playbacks(1, how="eof")
+        answer = (await self.getstream(id="abc"))["response"]
+        response = await self.get(self.local(answer["playback_url"]) + "0")  # unknown token: not a playback
+        await within(response.text())
+        self.assertEqual((response.code, self.engine.failing_playbacks), (404, 1))
+        response, reader = await self.play(answer["playback_url"])
+        await reader.ended()
+        self.assertEqual((response.code, reader.received), (200, 0))
+        self.assertTrue(reader.reason.check(ResponseDone), reader.reason)
+        self.assertEqual(self.engine.failing_playbacks, 0)
+        response = await self.get(self.local(answer["playback_url"]))  # behaviour again
+        await within(response.text())
+        self.assertEqual(response.code, 500)
+        self.assertEqual([p.end_reason for p in self.engine.last_session.playbacks], ["eof", "error page"])
+
+    def test_calls_add_up_and_are_validated(self) -> None:
+        self.engine.fail_next_playbacks(2)
+        self.engine.fail_next_playbacks(1, how="stall", after=PACKET_SIZE)
+        self.assertEqual(self.engine.failing_playbacks, 3)
+        self.engine.fail_next_playbacks(0)
+        self.assertEqual(self.engine.failing_playbacks, 3)
+        for args, kwargs in (((-1,), {}), ((1,), {"how": "hang"}), ((1,), {"after": -1}), ((1.5,), {})):
+            self.assertRaises(ValueError, self.engine.fail_next_playbacks, *args, **kwargs)
+        self.assertEqual(self.engine.failing_playbacks, 3)
+
+
 class ListeningTests(EngineTestCase):
     async def test_stop_listening_refuses_then_listen_again_on_the_same_port(self) -> None:
         _, _, reader = await self.start()

@@ -20,12 +20,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
-from acexy_tw.sim.orchestrator import SimOrchestrator, _arguments
+from acexy_tw.sim.orchestrator import SimOrchestrator, _arguments, rfc3339
 
 TIMEOUT = 10
 KEY = "test-key"
@@ -213,6 +214,9 @@ class StatusTests(OrchestratorTestCase):
         self.assertEqual((await self.status())["status"], "healthy")
 
     async def test_max_capacity_only_in_status(self) -> None:
+        """The status says max_capacity; the provision (replica_limit "none")
+        does not enforce it and starts another engine."""
+        self.assertEqual(self.orch.replica_limit, "none")
         self.orch.max_replicas = 1
         self.orch.add_engine()
         doc = await self.status()
@@ -224,9 +228,12 @@ class StatusTests(OrchestratorTestCase):
             {"code": "max_capacity", "recovery_eta_seconds": 30, "can_retry": False, "should_wait": True},
         )
         code, body = await self.provision()
-        self.assertEqual(code, 500)
-        self.assertEqual(body["detail"]["code"], "general_error")
-        self.assertEqual(len(self.orch.engines), 1)
+        self.assertEqual(code, 200)
+        self.assertEqual([h.container_id for h in self.orch.provisioned], [body["container_id"]])
+        self.assertEqual(len(self.orch.engines), 2)
+        doc = await self.status()
+        self.assertEqual((doc["capacity"]["total"], doc["capacity"]["max_replicas"]), (2, 1))
+        self.assertEqual(doc["provisioning"]["blocked_reason_details"]["code"], "max_capacity")
 
 
 class ProvisionErrorTests(OrchestratorTestCase):
@@ -362,7 +369,38 @@ class ProvisionErrorTests(OrchestratorTestCase):
         self.assertIn("VPN", body["detail"])
         self.orch.vpn_error(False)
         self.orch.max_replicas = 0
-        self.assertEqual(await self.provision(), (500, {"detail": "max capacity reached"}))
+        code, _ = await self.provision()  # replica_limit "none": not refused
+        self.assertEqual(code, 200)
+        self.orch.replica_limit = "gluetun"  # a plain string in either error style
+        self.assertEqual(await self.provision(), (500, {"detail": "Maximum active replicas limit reached (0)"}))
+
+    async def test_gluetun_replica_limit(self) -> None:
+        self.orch.replica_limit = "gluetun"
+        self.orch.max_replicas = 2
+        self.orch.add_engine()
+        code, _ = await self.provision()  # 1 running < 2
+        self.assertEqual(code, 200)
+        self.assertIsNone((await self.status())["provisioning"]["last_failure"])
+        refusal = (500, {"detail": "Maximum active replicas limit reached (2)"})
+        self.assertEqual(await self.provision(), refusal)
+        self.assertEqual((len(self.orch.engines), len(self.orch.provisioned)), (2, 1))
+        self.assertRegex((await self.status())["provisioning"]["last_failure"], RFC3339)
+        # the VPN and the breaker are checked first
+        self.orch.set_vpn(connected=False)
+        self.assertEqual((await self.refused(503))["code"], "vpn_disconnected")
+        self.orch.set_vpn(connected=True)
+        # a removed engine frees a slot
+        await within(self.orch.remove_engine(self.orch.engines[0]))
+        code, _ = await self.provision()
+        self.assertEqual(code, 200)
+        self.assertEqual(await self.provision(), refusal)
+
+    def test_replica_limit_is_validated(self) -> None:
+        self.assertRaises(ValueError, SimOrchestrator, reactor, replica_limit="docker")
+        with self.assertRaises(ValueError):
+            self.orch.replica_limit = "max"
+        self.assertEqual(self.orch.replica_limit, "none")
+        self.assertEqual(SimOrchestrator(reactor, replica_limit="gluetun").replica_limit, "gluetun")
 
     async def test_bad_json_is_422(self) -> None:
         code, _ = await self.call("POST", "/provision/acestream", "not an object")
@@ -417,15 +455,27 @@ class ProvisionTests(OrchestratorTestCase):
         code, engines = await self.call("GET", "/engines")
         self.assertEqual(engines[0]["labels"], {"who": "test"})
 
-    async def test_pending_provision_counts_toward_max_replicas(self) -> None:
+    async def test_pending_provision_counts_toward_the_gluetun_limit(self) -> None:
+        self.orch.replica_limit = "gluetun"
         self.orch.max_replicas = 1
         self.orch.provision_delay = 0.3
         first = Deferred.fromCoroutine(self.provision())
         await within(self.orch.when(lambda o: len(o.provision_calls) == 1))  # arrived, now pending
-        code, body = await self.provision()
-        self.assertEqual((code, body["detail"]["code"]), (500, "general_error"))
+        self.assertEqual(await self.provision(), (500, {"detail": "Maximum active replicas limit reached (1)"}))
         code, _ = await within(first)
         self.assertEqual(code, 200)
+        self.assertEqual(len(self.orch.engines), 1)
+
+    async def test_provisions_ignore_max_replicas_by_default(self) -> None:
+        self.orch.max_replicas = 1
+        self.orch.provision_delay = 0.3
+        first = Deferred.fromCoroutine(self.provision())
+        await within(self.orch.when(lambda o: len(o.provision_calls) == 1))  # arrived, now pending
+        code, _ = await self.provision()
+        self.assertEqual(code, 200)
+        code, _ = await within(first)
+        self.assertEqual(code, 200)
+        self.assertEqual(len(self.orch.engines), 2)
 
     async def test_shutdown_during_provision_and_startup(self) -> None:
         self.orch.provision_delay = 5
@@ -562,6 +612,111 @@ class EventTests(OrchestratorTestCase):
         self.assertEqual(code, 200)
 
 
+class StatusLagTests(OrchestratorTestCase):
+    async def test_status_shows_the_past_while_provisions_see_the_present(self) -> None:
+        self.orch.add_engine()
+        self.orch.status_lag = 60
+        self.orch.set_vpn(connected=False)
+        doc = await self.status()
+        self.assertEqual((doc["status"], doc["vpn"]["connected"]), ("healthy", True))
+        self.assertTrue(doc["provisioning"]["can_provision"])
+        self.assertEqual(self.orch.status_document()["status"], "degraded")  # the current state
+        self.assertEqual((await self.refused(503))["code"], "vpn_disconnected")
+        self.orch.set_vpn(connected=True)
+        self.orch.open_breaker(120)
+        self.assertEqual((await self.refused(503))["code"], "circuit_breaker")
+        doc = await self.status()
+        self.assertEqual((doc["status"], doc["provisioning"]["circuit_breaker_state"]), ("healthy", "closed"))
+        # lag 0: the current state again, at once
+        self.orch.status_lag = 0
+        doc = await self.status()
+        self.assertEqual((doc["status"], doc["provisioning"]["circuit_breaker_state"]), ("degraded", "open"))
+
+    async def test_full_capacity_shows_first_as_a_refusal(self) -> None:
+        self.orch.replica_limit = "gluetun"
+        self.orch.max_replicas = 2
+        self.orch.add_engine()
+        self.orch.status_lag = 60
+        code, _ = await self.provision()
+        self.assertEqual(code, 200)
+        doc = await self.status()  # from before the provision
+        self.assertEqual((doc["capacity"]["total"], doc["provisioning"]["can_provision"]), (1, True))
+        self.assertEqual(await self.provision(), (500, {"detail": "Maximum active replicas limit reached (2)"}))
+        self.assertEqual(self.orch.status_document()["provisioning"]["blocked_reason_details"]["code"], "max_capacity")
+
+    def test_status_lag_is_validated(self) -> None:
+        for wrong in (-1, float("nan"), float("inf")):
+            with self.assertRaises(ValueError):
+                self.orch.status_lag = wrong
+        self.assertRaises(ValueError, SimOrchestrator, reactor, status_lag=-0.5)
+        self.assertEqual(self.orch.status_lag, 0)
+
+
+class StatusLagCatchUpTests(OrchestratorTestCase):
+    options = {"status_lag": 0.5}
+
+    async def test_catches_up_after_the_lag(self) -> None:
+        self.assertEqual(self.orch.status_lag, 0.5)
+        before = reactor.seconds()
+        self.orch.add_engine()
+        seen: List[int] = []
+
+        async def listed() -> bool:
+            seen.append((await self.status())["engines"]["total"])
+            return seen[-1] == 1
+
+        await poll(listed, "the lagged status to list the engine")
+        self.assertGreaterEqual(reactor.seconds() - before, 0.5 - 1e-6)  # never earlier than the lag
+        self.assertEqual(seen, sorted(seen))  # no going back and forth
+        self.assertEqual(self.orch.status_document()["engines"]["total"], 1)
+
+
+class StatusLagClockTests(TestCase):
+    """The lag's time arithmetic on a fake clock (the orchestrator never listens)."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.orch = SimOrchestrator(self.clock, api_key=KEY, status_lag=10)
+
+    def served(self) -> Dict[str, Any]:
+        return self.orch.served_status_document()
+
+    def test_newest_document_at_or_before_now_minus_the_lag(self) -> None:
+        self.orch.set_vpn(connected=False)  # t=0, right after the lag began
+        self.assertTrue(self.served()["vpn"]["connected"])  # none 10 s old: the oldest
+        self.clock.advance(9.5)
+        self.assertTrue(self.served()["vpn"]["connected"])
+        self.clock.advance(0.5)  # t=10: the t=0 change is 10 s old
+        doc = self.served()
+        self.assertFalse(doc["vpn"]["connected"])
+        self.assertEqual(doc["timestamp"], rfc3339(0))
+        self.assertFalse(self.orch.status_document()["vpn"]["connected"])
+        self.orch.set_vpn(connected=True)  # t=10
+        self.clock.advance(5)
+        doc = self.served()  # t=15: still the t=0..10 state, as of t=5
+        self.assertEqual((doc["vpn"]["connected"], doc["timestamp"]), (False, rfc3339(5)))
+        self.assertTrue(self.orch.status_document()["vpn"]["connected"])
+        self.clock.advance(5)
+        self.assertTrue(self.served()["vpn"]["connected"])  # t=20
+
+    def test_history_is_bounded_by_the_lag(self) -> None:
+        for i in range(200):
+            self.clock.advance(1)
+            self.orch.set_vpn(connected=bool(i % 2))
+            self.served()
+        # the newest entry at or before now - 10 and the 10 s after it
+        self.assertLessEqual(len(self.orch._status_history), 12)
+        self.orch.status_lag = 0
+        self.assertEqual(self.orch._status_history, [])
+        self.assertEqual(self.served(), self.orch.status_document())
+
+    def test_unchanged_documents_are_recorded_once(self) -> None:
+        for _ in range(50):
+            self.orch._changed()
+            self.served()
+        self.assertEqual(len(self.orch._status_history), 1)
+
+
 class LifecycleTests(OrchestratorTestCase):
     async def test_down_and_up_on_the_same_port(self) -> None:
         port = self.orch.port
@@ -608,3 +763,8 @@ class LifecycleTests(OrchestratorTestCase):
     def test_cli_arguments(self) -> None:
         args = _arguments(["--port", "8001", "--engines", "3", "--api-key", "k", "--bitrate", "4M"])
         self.assertEqual((args.port, args.engines, args.api_key, args.bitrate), (8001, 3, "k", 4_000_000))
+        self.assertEqual((args.status_lag, args.replica_limit), (0.0, "none"))
+        args = _arguments(["--status-lag", "2.5", "--replica-limit", "gluetun"])
+        self.assertEqual((args.status_lag, args.replica_limit), (2.5, "gluetun"))
+        with self.assertRaises(SystemExit):
+            _arguments(["--replica-limit", "docker"])
