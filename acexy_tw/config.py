@@ -700,7 +700,16 @@ SETTINGS: tuple[Setting, ...] = (
         option="failover-attempts",
         default="3",
         parser=parse_failover_attempts,
-        help="Engine placements tried when a live stream's engine dies mid-stream (0: none)",
+        help="New engine sessions tried within one failover incident of a live stream (0: no failover)",
+    ),
+    Setting(
+        field="failover_reset",
+        env="ACEXY_FAILOVER_RESET",
+        aliases=(),
+        option="failover-reset",
+        default="30s",
+        parser=parse_positive_duration,
+        help="Real data flowing this long ends a failover incident and restores its attempts",
     ),
     # -- operations -------------------------------------------------------------
     Setting(
@@ -768,6 +777,7 @@ class Config:
     queue_size: int = 32
     wait_mode: str = "hold"
     failover_attempts: int = 3
+    failover_reset: float = 30.0
     token: Optional[str] = field(default=None, repr=False)  # secret: never in repr/logs
     m3u8: bool = False
     log_format: str = "text"

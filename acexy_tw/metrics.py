@@ -62,6 +62,16 @@ class _ProxyCollector(Collector):
         if monitor is None:
             return
         yield _gauge("acexy_orchestrator_reachable", "The orchestrator answered its last status poll", 1 if monitor.reachable else 0)
+        yield _counter(
+            "acexy_orchestrator_auth_failures",
+            "POSTs the orchestrator refused with 401/403 (check ACEXY_ORCH_APIKEY)",
+            monitor.auth_failures,
+        )
+        yield _gauge(
+            "acexy_orchestrator_auth_ok",
+            "0 while the orchestrator refuses the API key (since the last refused POST)",
+            0 if monitor.auth_error else 1,
+        )
         snap = monitor.snapshot
         if snap is None:
             return

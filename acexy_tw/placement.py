@@ -10,13 +10,17 @@ Placement: where a new engine session runs, and its start there.
   synchronously right after ranking, so concurrent placements never double-book
   an engine); an engine that refuses getstream → the next one; a content error
   (the engine's JSON ``error``) is final — another engine would say the same.
-- None has room → provisioning (see :meth:`_provision`): consult the health
-  snapshot first and never POST while it says blocked; retry only temporary
-  refusals, waiting ETA/2 then ETA (at least 1 s; ETA ≤ 0 → the outage poll
-  interval) or 1, 2, 4, 8 s without an ETA; at most ``attempts`` POSTs; after a
-  provisioning timeout look in ``/engines`` for the engine we may have started
-  before posting again. Then poll the new engine until it answers — no fixed
-  sleep — and connect to the host/port ``/engines`` lists.
+- None has room → provisioning (see :meth:`_provision`), only when the health
+  view allows it: never while the monitor says blocked, and never when the
+  engines ``/engines`` lists plus our provisions in flight already reach the
+  snapshot's ``max_replicas`` (the orchestrator's POST does not enforce it).
+  A wait-class refusal of the POST (503 with a code, legacy VPN text, the
+  Gluetun-mode 500 "Maximum active replicas limit reached") is reported to the
+  monitor and answered at once as a wait: the session waits on the monitor,
+  never on a blind sleep. Only a provisioning *timeout* is retried here, under
+  the retry policy, after looking in ``/engines`` for the engine we may have
+  started. Then poll the new engine until it answers — no fixed sleep — and
+  connect to the host/port ``/engines`` lists.
 - The orchestrator unreachable (refused, timeout, 5xx) → the configured engine,
   logged once per outage.
 
@@ -37,6 +41,7 @@ from acexy_tw.content import ContentKey
 from acexy_tw.engine import ContentError, EngineClient, EngineError, NoEngine, PlaybackInfo
 from acexy_tw.logs import get_logger
 from acexy_tw.orchestrator.client import (
+    OrchestratorAuthError,
     OrchestratedEngine,
     OrchestratorClient,
     OrchestratorError,
@@ -48,6 +53,8 @@ from acexy_tw.orchestrator.client import (
 )
 from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.orchestrator.selection import rank
+from acexy_tw.retry import RetryPolicy
+from acexy_tw.streaming.waiting import WAIT_CODES
 
 log = get_logger(__name__)
 
@@ -98,6 +105,7 @@ class Placement:
         engine_ready_timeout: float = 30.0,
         ready_poll: float = 0.25,
         attempts: int = 3,
+        retry: Optional[RetryPolicy] = None,
     ) -> None:
         self.fallback = fallback
         self._make_engine = make_engine
@@ -109,11 +117,14 @@ class Placement:
         self.outage_poll_interval = outage_poll_interval
         self.engine_ready_timeout = engine_ready_timeout
         self.ready_poll = ready_poll
-        self.attempts = attempts
+        #: provisioning re-posts after a timeout (the only retry placement makes)
+        self.retry = retry or RetryPolicy(attempts)
         self.reservations: dict[Any, Reservation] = {}
         self.in_outage = False
         self.fallbacks = 0
         self.provision_attempts: dict[str, int] = {}
+        #: provisions posted and not yet answered (they count toward max_replicas)
+        self.provisioning = 0
         self._engines: dict[tuple[str, int], EngineClient] = {}
 
     # -- placing -----------------------------------------------------------------
@@ -123,14 +134,13 @@ class Placement:
         key: ContentKey,
         *,
         avoid: frozenset = frozenset(),
-        on_wait: Optional[Callable[[NoEngine], None]] = None,
         hls: bool = False,
     ) -> tuple[EngineClient, PlaybackInfo]:
         """
         An engine that accepted a session for ``key``. ``avoid``: container ids
-        not to use (a failover's dead engine). ``on_wait`` is told when
-        provisioning backs off before a retry (the session keeps its players
-        alive meanwhile). ``hls``: an HLS session (its own reservation).
+        tried last (engines that failed in a failover incident): used only when
+        no other engine has room, before provisioning. ``hls``: an HLS session
+        (its own reservation).
         """
         if self.orchestrator is None:
             return self.fallback, await _start(self.fallback, key, hls)
@@ -143,9 +153,9 @@ class Placement:
         while True:
             extra = self._extra_load(engines)
             candidates = [
-                e for e in rank(engines, max_streams=self.max_streams, extra_load=extra)
-                if e.container_id not in tried and e.container_id not in avoid
+                e for e in rank(engines, max_streams=self.max_streams, extra_load=extra) if e.container_id not in tried
             ]
+            candidates.sort(key=lambda e: e.container_id in avoid)  # stable: the ranking stays within each group
             if not candidates:
                 break
             engine = candidates[0]
@@ -153,7 +163,7 @@ class Placement:
             started = await self._start_on(key, engine, hls=hls)
             if started is not None:
                 return started
-        engine = await self._provision(key, engines, on_wait)
+        engine = await self._provision(key, engines)
         if engine is None:  # the orchestrator went away meanwhile
             return await self._fall_back(key, OrchestratorUnavailable("no status"), hls)
         started = await self._start_on(key, engine, last=True, hls=hls)
@@ -163,13 +173,6 @@ class Placement:
     def release(self, key: ContentKey, *, hls: bool = False) -> None:
         """The session for ``key`` ended: its engine slot is free again."""
         self.reservations.pop(_slot(key, hls), None)
-
-    def restarted(self, key: ContentKey, info: PlaybackInfo) -> None:
-        """The session for ``key`` was started again on its engine (failover):
-        its reservation now stands for the new stream id."""
-        reservation = self.reservations.get(key)
-        if reservation is not None:
-            reservation.stream_id = stream_id_for(key, info)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -244,80 +247,86 @@ class Placement:
             return NoEngine(MESSAGES[code], code=code, http_status=503, retry_after=self._retry_after(eta))
         return NoEngine(message or "the orchestrator could not provide an engine", code=code, http_status=502)
 
-    def _wait_for(self, refusal: ProvisionBlocked, attempt: int) -> float:
-        eta = refusal.recovery_eta_seconds
-        if eta is None:
-            return float(min(2 ** (attempt - 1), 8))
-        if eta <= 0:
-            return self.outage_poll_interval
-        return max(1.0, eta / 2 if attempt == 1 else float(eta))
+    def _wait_refusal(self, code: str, eta: Optional[int], message: str) -> NoEngine:
+        """A wait-class refusal of a POST: the monitor hears of it first."""
+        if self.monitor is not None:
+            self.monitor.refused(code, eta, message)
+        return self._no_engine(code, eta, message)
 
-    async def _provision(
-        self,
-        key: ContentKey,
-        known: list[OrchestratedEngine],
-        on_wait: Optional[Callable[[NoEngine], None]] = None,
-    ) -> Optional[OrchestratedEngine]:
+    async def _provision(self, key: ContentKey, known: list[OrchestratedEngine]) -> Optional[OrchestratedEngine]:
         assert self.orchestrator is not None
-        snapshot = None
+        max_replicas: Optional[int] = None
         if self.monitor is not None:
             snapshot = await self.monitor.fresh(self.health_interval)
             if snapshot is None:
                 return None
-            if not snapshot.can_provision:
-                blocked = snapshot.blocked
-                code = getattr(blocked, "code", None)
-                if code is None:
-                    if snapshot.vpn_down:
-                        code = "vpn_disconnected"
-                    elif snapshot.status == "unavailable":
-                        code = "unavailable"
-                    else:
-                        code = "max_capacity"
-                eta = getattr(blocked, "recovery_eta_seconds", None)
+            code = self.monitor.blocked_code
+            if code is not None:
                 log.info("not provisioning for {key}: orchestrator blocked ({code})", key=str(key), code=code)
-                raise self._no_engine(code, eta, getattr(blocked, "message", None))
-        seen = {e.container_id for e in known}
-        container_id: Optional[str] = None
-        for attempt in range(1, self.attempts + 1):
+                raise self._no_engine(code, self.monitor.blocked_eta, self.monitor.blocked_message)
+            max_replicas = snapshot.max_replicas
+        if max_replicas is not None and len(known) + self.provisioning >= max_replicas:
+            log.info(
+                "not provisioning for {key}: {n} engine(s) reach max_replicas {m}",
+                key=str(key),
+                n=len(known) + self.provisioning,
+                m=max_replicas,
+            )
+            raise self._no_engine("max_capacity", None)
+        self.provisioning += 1
+        try:
+            container_id = await self._post(set(e.container_id for e in known))
+        finally:
+            self.provisioning -= 1
+        if container_id is None:
+            return None
+        return await self._wait_ready(container_id)
+
+    async def _post(self, seen: set[str]) -> Optional[str]:
+        """POST /provision/acestream; after a timeout look before posting
+        again, under the retry policy. The container id, or None when the
+        orchestrator went away."""
+        assert self.orchestrator is not None
+        budget = self.retry.budget()
+        while True:
+            delay = budget.spend()
+            if delay is None:
+                raise NoEngine("provisioning an engine timed out", code="provision_timeout", retry_after=self._retry_after())
+            if delay:
+                await budget.wait(self._clock, delay)
             self._count("attempt")
             try:
                 provisioned = await self.orchestrator.provision()
-                container_id = provisioned.container_id
-                self._count("ok")
-                break
             except ProvisionTimeout:
                 self._count("timeout")
-                # It may have started a container: look before posting again.
-                found = await self._new_engine(seen)
+                found = await self._new_engine(seen)  # it may have started a container
                 if found is not None:
-                    container_id = found
-                    break
-                if attempt == self.attempts:
-                    raise NoEngine("provisioning an engine timed out", code="provision_timeout", retry_after=self._retry_after())
+                    return found
+                continue
             except ProvisionBlocked as refusal:
                 self._count("blocked")
-                retryable = refusal.should_wait or refusal.can_retry
-                if not retryable or attempt == self.attempts:
-                    raise self._no_engine(refusal.code, refusal.recovery_eta_seconds, refusal.message) from None
-                wait = self._wait_for(refusal, attempt)
-                if on_wait is not None:
-                    on_wait(self._no_engine(refusal.code, refusal.recovery_eta_seconds, refusal.message))
-                log.info(
-                    "provisioning refused ({code}); retrying in {wait:g}s (attempt {n} of {of})",
-                    code=refusal.code,
-                    wait=wait,
-                    n=attempt + 1,
-                    of=self.attempts,
-                )
-                await deferLater(self._clock, wait)
+                if refusal.code in WAIT_CODES or refusal.should_wait:
+                    code = refusal.code if refusal.code in WAIT_CODES else "max_capacity"
+                    raise self._wait_refusal(code, refusal.recovery_eta_seconds, refusal.message) from None
+                raise self._no_engine(refusal.code, refusal.recovery_eta_seconds, refusal.message) from None
             except ProvisionFailed as failure:
                 self._count("failed")
                 raise self._no_engine(failure.code or "general_error", None, failure.message) from None
+            except OrchestratorAuthError as e:
+                self._count("refused")
+                if self.monitor is not None:
+                    self.monitor.note_auth_failure("provisioning", e.http_status)
+                raise NoEngine(
+                    "the orchestrator refused the proxy's API key (check ACEXY_ORCH_APIKEY)",
+                    code="orchestrator_auth",
+                    http_status=502,
+                ) from None
             except OrchestratorUnavailable:
                 return None
-        assert container_id is not None
-        return await self._wait_ready(container_id)
+            self._count("ok")
+            if self.monitor is not None:
+                self.monitor.note_auth_ok()
+            return provisioned.container_id
 
     def _count(self, result: str) -> None:
         self.provision_attempts[result] = self.provision_attempts.get(result, 0) + 1

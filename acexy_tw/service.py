@@ -33,6 +33,7 @@ from acexy_tw.orchestrator.client import OrchestratorClient
 from acexy_tw.orchestrator.events import EventReporter
 from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.placement import Placement
+from acexy_tw.retry import RetryPolicy
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.hls import HlsSessions
 from acexy_tw.streaming.session import EngineSession
@@ -174,7 +175,7 @@ class AcexyService(MultiService):
                 on_change=lambda _: self.waits.kick(),  # capacity may be back
             )
             self.monitor.setServiceParent(self)
-            self.events = EventReporter(self.orchestrator, reactor)
+            self.events = EventReporter(self.orchestrator, reactor, on_auth_error=self.monitor.note_auth_failure)
         self.placement = Placement(
             fallback=self.engine,
             make_engine=self._make_engine,
@@ -202,7 +203,8 @@ class AcexyService(MultiService):
             on_session_streaming=self.events.started if self.events else None,
             on_engine_lost=self._engine_lost,
             waits=self.waits,
-            failover_attempts=config.failover_attempts,
+            failover=RetryPolicy(config.failover_attempts, initial=1.0, factor=2.0, cap=30.0),
+            failover_reset=config.failover_reset,
         )
         self.waits.prewarm = self.registry.prewarm
         self.hls = HlsSessions(

@@ -48,6 +48,8 @@ _LEGACY_BLOCKED = (
     ("vpn", "vpn_disconnected", 60, True, True),
     ("circuit breaker", "circuit_breaker", 180, False, True),
     ("capacity", "max_capacity", 30, False, True),
+    # Gluetun mode: 500 "Maximum active replicas limit reached (N)" is capacity, not a failure
+    ("replicas limit", "max_capacity", 30, False, True),
 )
 
 

@@ -5,20 +5,24 @@ One ``stream_started`` per engine session (not per client), sent once the
 engine accepted the session and its playback is open; one ``stream_ended`` per
 session with exactly the ``labels.stream_id`` that was sent. Reports never delay
 or break streaming: they run in the background, a transient failure is retried
-a bounded number of times, and only sessions on orchestrated engines are
+under the one retry policy (bounded count, spaced, capped), and only sessions on orchestrated engines are
 reported (the configured fallback engine is not the orchestrator's).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
-
 from acexy_tw.logs import get_logger
-from acexy_tw.orchestrator.client import OrchestratorClient, OrchestratorUnavailable, stream_started_event
+from acexy_tw.orchestrator.client import (
+    OrchestratorAuthError,
+    OrchestratorClient,
+    OrchestratorUnavailable,
+    stream_started_event,
+)
+from acexy_tw.retry import RetryPolicy, retrying
 
 log = get_logger(__name__)
 
@@ -29,13 +33,13 @@ class EventReporter:
         orchestrator: OrchestratorClient,
         clock: IReactorTime,
         *,
-        attempts: int = 3,
-        retry_delay: float = 1.0,
+        retry: RetryPolicy = RetryPolicy(3, initial=1.0, cap=10.0),
+        on_auth_error: Optional[Callable[[str, int], None]] = None,
     ) -> None:
         self._orch = orchestrator
         self._clock = clock
-        self.attempts = attempts
-        self.retry_delay = retry_delay
+        self.retry = retry
+        self._on_auth_error = on_auth_error
         self._started: dict[int, tuple[str, str]] = {}  # id(session) -> (container_id, stream_id)
         self._pending: set[Deferred] = set()
         self.sent = {"started": 0, "ended": 0, "failed": 0}
@@ -74,21 +78,18 @@ class EventReporter:
         d.addBoth(lambda r: (self._pending.discard(d), None)[1])
 
     async def _with_retries(self, what: str, call: Callable[[], Deferred], stream_id: str) -> None:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                await call()
-                self.sent[what] += 1
-                return
-            except OrchestratorUnavailable as e:
-                if attempt == self.attempts:
-                    error = str(e)
-                    break
-                await deferLater(self._clock, self.retry_delay * attempt)
-            except Exception as e:  # a 4xx: retrying will not help
-                error = str(e)
-                break
-        self.sent["failed"] += 1
-        log.warn("stream_{what} for {sid} not reported: {error}", what=what, sid=stream_id, error=error)
+        def retryable(e: BaseException) -> bool:
+            return isinstance(e, OrchestratorUnavailable)  # a 4xx: retrying will not help
+
+        try:
+            await retrying(self.retry, self._clock, call, retryable=retryable)
+        except Exception as e:
+            self.sent["failed"] += 1
+            if isinstance(e, OrchestratorAuthError) and self._on_auth_error is not None:
+                self._on_auth_error(f"stream_{what}", e.http_status)
+            log.warn("stream_{what} for {sid} not reported: {error}", what=what, sid=stream_id, error=str(e))
+            return
+        self.sent[what] += 1
 
     def flush(self) -> Deferred:
         """Fires when every report in flight is done (for shutdown)."""

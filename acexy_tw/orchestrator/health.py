@@ -1,16 +1,27 @@
 """
 HealthMonitor: the proxy's view of the orchestrator, kept fresh in the background.
 
-A ``LoopingCall`` on the injected clock polls ``/orchestrator/status`` at start
-and every ``interval`` seconds — every ``outage_interval`` seconds while
-provisioning is blocked or the orchestrator is unreachable. Each tick is
-bounded by ``timeout`` and catches everything, so a failed or hung poll never
-kills the loop (STYLE.md pitfall 13). Transitions (reachable/unreachable,
-status, VPN, breaker, can_provision) are logged once each, not every poll.
+It polls ``/orchestrator/status`` at start and then ``interval`` seconds after
+each poll settles — ``outage_interval`` seconds while provisioning is blocked
+or the orchestrator is unreachable. Each poll is bounded by ``timeout`` and
+catches everything, so a failed or hung poll never stops the polling (STYLE.md
+pitfall 13). Transitions (reachable/unreachable, status, VPN, breaker,
+can_provision) are logged once each, not every poll.
 
-Readers (placement, the web status page) use :attr:`snapshot` and :meth:`age`,
-or :meth:`fresh` to get a snapshot no older than a bound (it polls now,
-sharing one in-flight poll among all callers, each with its own Deferred).
+The monitor is the clock of every wait. Its status lags reality (CONTRACTS.md
+§2): a VPN drop or an opened breaker often shows first as a 503 to a POST.
+Placement reports such a refusal with :meth:`HealthMonitor.refused`: the view
+counts as blocked with that code at once, the status is polled again now and
+then at the outage interval, and listeners (the wait queue) hear of every
+poll. The refusal stands until the status itself changes (it caught up) or
+``interval`` seconds have passed (the status never showed it: try again). A
+401/403 on a POST is an operator problem, shown in :meth:`warnings` until a
+POST succeeds.
+
+Readers (placement, the web status page) use :attr:`snapshot`, :attr:`blocked`,
+:attr:`blocked_code` and :meth:`age`, or :meth:`fresh` to get a snapshot no
+older than a bound (it polls now, sharing one in-flight poll among all
+callers, each with its own Deferred).
 """
 
 from __future__ import annotations
@@ -19,8 +30,7 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout, succeed
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from acexy_tw.logs import get_logger
@@ -64,7 +74,12 @@ class HealthMonitor(Service):
         self.last_error: Optional[str] = None
         self.polls = 0
         self._on_change = on_change
-        self._loop: Optional[LoopingCall] = None
+        self._next: Optional[IDelayedCall] = None
+        #: a wait-class refusal the status did not show yet: (code, ETA, message, when, status signature then)
+        self.refusal: Optional[tuple[str, Optional[int], str, float, dict]] = None
+        #: the last 401/403 on a POST (a wrong ACEXY_ORCH_APIKEY), until a POST succeeds
+        self.auth_error: Optional[str] = None
+        self.auth_failures = 0
         self._inflight: Optional[Deferred] = None
         self._waiters: list[Deferred] = []
         self._logged: dict[str, Any] = {}
@@ -78,8 +93,60 @@ class HealthMonitor(Service):
 
     @property
     def blocked(self) -> bool:
-        """Provisioning is refused (VPN, breaker, capacity) according to the snapshot."""
-        return self.snapshot is not None and not self.snapshot.can_provision
+        """Provisioning is refused (VPN, breaker, capacity): by the snapshot, or
+        by a POST the snapshot has not caught up with."""
+        return self.refusal is not None or (self.snapshot is not None and not self.snapshot.can_provision)
+
+    @property
+    def blocked_code(self) -> Optional[str]:
+        """Why provisioning is refused now (None when it is not)."""
+        if self.refusal is not None:
+            return self.refusal[0]
+        snap = self.snapshot
+        if snap is None or snap.can_provision:
+            return None
+        code = getattr(snap.blocked, "code", None)
+        if code is None:
+            if snap.vpn_down:
+                return "vpn_disconnected"
+            if snap.status == "unavailable":
+                return "unavailable"
+            return "max_capacity"
+        return code
+
+    @property
+    def blocked_eta(self) -> Optional[int]:
+        if self.refusal is not None:
+            return self.refusal[1]
+        return getattr(getattr(self.snapshot, "blocked", None), "recovery_eta_seconds", None)
+
+    @property
+    def blocked_message(self) -> Optional[str]:
+        if self.refusal is not None:
+            return self.refusal[2]
+        return getattr(getattr(self.snapshot, "blocked", None), "message", None)
+
+    def refused(self, code: str, eta: Optional[int], message: str) -> None:
+        """A POST was refused for a reason that passes (503 with a code, legacy
+        VPN text, the active-replicas limit): a fresh fact, newer than the status."""
+        signature = _signature(self.snapshot) if self.snapshot is not None else {}
+        if self.refusal is None or self.refusal[0] != code:
+            log.warn("orchestrator refused provisioning ({code}); waiting on its status", code=code)
+        self.refusal = (code, eta, message, self._clock.seconds(), signature)
+        self.poll()  # now, and then at the outage interval
+
+    def note_auth_failure(self, what: str, status: int) -> None:
+        self.auth_failures += 1
+        if self.auth_error is None:
+            log.error(
+                "orchestrator refused {what} with HTTP {status}: check ACEXY_ORCH_APIKEY", what=what, status=status
+            )
+        self.auth_error = f"orchestrator refused {what} with HTTP {status}: check ACEXY_ORCH_APIKEY"
+
+    def note_auth_ok(self) -> None:
+        if self.auth_error is not None:
+            log.info("orchestrator accepts the API key again")
+        self.auth_error = None
 
     @property
     def degraded(self) -> bool:
@@ -95,6 +162,10 @@ class HealthMonitor(Service):
     def warnings(self) -> list[str]:
         """What an operator should know now (shown on /ace/status)."""
         out = []
+        if self.auth_error is not None:
+            out.append(self.auth_error)
+        if self.refusal is not None:
+            out.append(f"provisioning refused ({self.refusal[0]}): new players wait for the orchestrator's status")
         if self.reachable is False:
             out.append(f"orchestrator unreachable ({self.last_error}): new streams use the configured engine")
         snap = self.snapshot
@@ -124,39 +195,30 @@ class HealthMonitor(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        self._loop.start(self.current_interval, now=True).addErrback(
-            lambda f: log.failure("health loop died", f)  # never expected: ticks catch everything
-        )
+        self.poll()
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._cancel_next()
         if self._inflight is not None:
             self._inflight.cancel()
         for d in self._waiters[:]:
             d.cancel()
 
-    def _tick(self) -> Deferred:
-        d = self.poll()
-        d.addCallback(lambda _: self._reschedule())
-        return d
+    def _cancel_next(self) -> None:
+        call, self._next = self._next, None
+        if call is not None and call.active():
+            call.cancel()
 
-    def _reschedule(self) -> None:
-        """Switch between the normal and the outage interval after a tick."""
-        loop = self._loop
-        if loop is None:
-            return
-        want = self.current_interval
-        if loop.interval != want:
-            # LoopingCall schedules the next call from ``starttime`` and
-            # ``interval``; resetting both makes the next poll exactly
-            # ``want`` seconds from now.
-            loop.interval = want
-            loop.starttime = self._clock.seconds()
+    def _schedule(self) -> None:
+        """The next poll, ``current_interval`` after this one settled."""
+        self._cancel_next()
+        if self.running:
+            self._next = self._clock.callLater(self.current_interval, self._tick)
+
+    def _tick(self) -> None:
+        self._next = None
+        self.poll()
 
     def poll(self) -> Deferred:
         """Poll now (shared if a poll is already running); never fails."""
@@ -172,6 +234,11 @@ class HealthMonitor(Service):
         return inflight
 
     def _got(self, snapshot: Any) -> None:
+        refusal = self.refusal
+        if refusal is not None:
+            caught_up = _signature(snapshot) != refusal[4]
+            if caught_up or self._clock.seconds() - refusal[3] >= self.interval:
+                self.refusal = None
         self.snapshot = snapshot
         self.snapshot_at = self._clock.seconds()
         if self.reachable is False:
@@ -197,6 +264,7 @@ class HealthMonitor(Service):
 
     def _settled(self, _: Any) -> None:
         self._inflight = None
+        self._schedule()
         waiters, self._waiters = self._waiters, []
         result = self.snapshot if self.reachable else None
         for d in waiters:

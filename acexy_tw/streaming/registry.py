@@ -19,6 +19,7 @@ from acexy_tw.logs import get_logger
 
 from acexy_tw.content import ContentKey
 from acexy_tw.engine import NoEngine
+from acexy_tw.retry import RetryPolicy
 from acexy_tw.streaming.session import EngineSession, PlacementLike, ShuttingDown
 from acexy_tw.streaming.sink import ClientSink
 from acexy_tw.streaming.waiting import WaitQueue
@@ -49,12 +50,14 @@ class SessionRegistry:
         on_session_streaming: Optional[Callable[[EngineSession], None]] = None,
         on_engine_lost: Optional[Callable[[EngineSession, str], None]] = None,
         waits: Optional[WaitQueue] = None,
-        failover_attempts: int = 0,
+        failover: RetryPolicy = RetryPolicy(0),
+        failover_reset: float = 30.0,
     ) -> None:
         self._placement = placement
         self.waits = waits
         self._on_engine_lost = on_engine_lost
-        self._failover_attempts = failover_attempts
+        self._failover = failover
+        self._failover_reset = failover_reset
         self._clock = clock
         self._empty_timeout = empty_timeout
         self._linger = linger
@@ -92,7 +95,7 @@ class SessionRegistry:
         if not self.accepting:
             raise ShuttingDown("proxy is shutting down")
         session = self._sessions.get(key)
-        if session is not None and session.state == EngineSession.HELD and self.waits is not None:
+        if session is not None and session.state == EngineSession.WAITING and self.waits is not None:
             if not self.waits.has_room():
                 raise QueueFull(session.hold_error)
         if session is None:
@@ -125,7 +128,8 @@ class SessionRegistry:
             on_streaming=self._on_session_streaming,
             on_engine_lost=self._on_engine_lost,
             waits=self.waits,
-            failover_attempts=self._failover_attempts,
+            failover=self._failover,
+            failover_reset=self._failover_reset,
         )
         self._sessions[key] = session
         self.sessions_started += 1

@@ -24,7 +24,7 @@ does not.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -32,15 +32,25 @@ from twisted.internet.interfaces import IReactorTime
 from acexy_tw.content import ContentKey
 from acexy_tw.logs import get_logger
 
-if TYPE_CHECKING:  # pragma: no cover
-    from acexy_tw.streaming.session import EngineSession
-
 log = get_logger(__name__)
 
 #: held whatever the mode: the VPN comes back by itself
 ALWAYS_HOLD = frozenset({"vpn_disconnected", "vpn_error", "unavailable"})
 #: held in hold mode, rejected (and pre-warmed later) in reject mode
 QUEUE_CODES = frozenset({"circuit_breaker", "max_capacity"})
+#: every wait-class refusal: it may be over by itself, so it is waited out, never retried blindly
+WAIT_CODES = ALWAYS_HOLD | QUEUE_CODES
+
+
+class HeldSession(TypingProtocol):
+    """What the queue needs of a session (``EngineSession``)."""
+
+    key: ContentKey
+    sinks: list
+    waiting_reason: Optional[str]
+    waiting_since: Optional[float]
+
+    def retry(self) -> Deferred: ...
 
 
 class WaitQueue:
@@ -62,7 +72,10 @@ class WaitQueue:
         self.keepalive_interval = keepalive_interval
         self.mode = mode
         self.prewarm = prewarm
-        self.held: list[EngineSession] = []
+        #: sessions told to wait, in arrival order (served by :meth:`kick`)
+        self.held: list[HeldSession] = []
+        #: every session whose players get keepalive now (waiting or recovering)
+        self.kept_alive: list[HeldSession] = []
         self.demands: "OrderedDict[ContentKey, float]" = OrderedDict()
         self.served = 0
         self._serving = False
@@ -76,12 +89,21 @@ class WaitQueue:
 
     @property
     def held_players(self) -> int:
-        return sum(len(s.sinks) for s in self.held)
+        """Players receiving keepalive, whatever their session is doing."""
+        return sum(len(s.sinks) for s in self.kept_alive)
+
+    def keepalive_started(self, session: HeldSession) -> None:
+        if session not in self.kept_alive:
+            self.kept_alive.append(session)
+
+    def keepalive_stopped(self, session: HeldSession) -> None:
+        if session in self.kept_alive:
+            self.kept_alive.remove(session)
 
     def has_room(self, extra: int = 1) -> bool:
         return self.held_players + extra <= self.size
 
-    def admit(self, session: "EngineSession", error: Any) -> bool:
+    def admit(self, session: HeldSession, error: Any) -> bool:
         """Hold ``session`` (its players stay connected) or not (they get ``error``)."""
         code = getattr(error, "code", None)
         if not self.holdable(code):
@@ -94,13 +116,14 @@ class WaitQueue:
         eta = getattr(error, "retry_after", None)
         if code in QUEUE_CODES and eta is not None and eta > self.max_wait:
             return False  # it will not be over before the player is let go
-        if not self.has_room(extra=len(session.sinks)):
+        extra = 0 if session in self.kept_alive else len(session.sinks)
+        if not self.has_room(extra=extra):
             log.warn("wait queue full ({n} players held): refusing {key}", n=self.held_players, key=str(session.key))
             return False
         self.held.append(session)
         return True
 
-    def release(self, session: "EngineSession") -> None:
+    def release(self, session: HeldSession) -> None:
         if session in self.held:
             self.held.remove(session)
 
@@ -182,7 +205,7 @@ class WaitQueue:
                     "players": len(s.sinks),
                     "waiting": round(now - s.waiting_since, 1) if s.waiting_since is not None else None,
                 }
-                for s in self.held
+                for s in self.kept_alive
             ],
             "demands": [{"key": str(k), "since": round(now - t, 1)} for k, t in self.demands.items()],
         }

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from acexy_tw.service import ENGINE_READ_SIZE
 from acexy_tw.streaming.mpegts import PACKET_SIZE
-from acexy_tw.streaming.session import EngineSession
+from acexy_tw.streaming.upstream import EngineConnection
 from acexy_tw.streaming.sink import write_through
 from tests.integration.harness import Player, reactor, sim_engine, start_proxy, within
 
@@ -140,17 +140,17 @@ class PlayersWrittenThroughTests(TestCase):
 class EngineReadSizeTests(TestCase):
     async def test_a_flat_out_engine_is_read_in_pieces_larger_than_twisteds_64_KiB(self):
         # The engine writes 1 MiB chunks as fast as it can; what one recv()
-        # returns bounds what one _upstream_data call can carry.
+        # returns bounds what one EngineConnection._data call can carry.
         engine = sim_engine(self, bitrate=None, chunk=1024 * 1024)
         proxy = await start_proxy(self, engine)
         sizes: list[int] = []
-        original = EngineSession._upstream_data
+        original = EngineConnection._data
 
-        def recording(session: Any, upstream: Any, data: bytes) -> None:
+        def recording(connection: Any, data: bytes) -> None:
             sizes.append(len(data))
-            original(session, upstream, data)
+            original(connection, data)
 
-        self.patch(EngineSession, "_upstream_data", recording)
+        self.patch(EngineConnection, "_data", recording)
         player = await Player.open(self, proxy.stream_url())
         await player.when_received(16 * 1024 * 1024)
         self.assertGreater(max(sizes), 64 * 1024)

@@ -20,6 +20,7 @@ from twisted.web.server import Site
 
 from acexy_tw.content import ContentKey
 from acexy_tw.engine import EngineAddress, EngineError, PlaybackInfo
+from acexy_tw.retry import RetryPolicy
 from acexy_tw.streaming.mpegts import PACKET_SIZE
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.waiting import WaitQueue
@@ -118,14 +119,11 @@ class FixedPlacement:
         self.engine = engine
         self.places: list[tuple[ContentKey, frozenset]] = []
 
-    async def place(self, key: ContentKey, *, avoid: frozenset = frozenset(), on_wait: Any = None) -> Any:
+    async def place(self, key: ContentKey, *, avoid: frozenset = frozenset()) -> Any:
         self.places.append((key, avoid))
         return self.engine, await self.engine.start(key)
 
     def release(self, key: ContentKey) -> None:
-        pass
-
-    def restarted(self, key: ContentKey, info: Any) -> None:
         pass
 
 
@@ -138,7 +136,7 @@ class ScriptedPlacement(FixedPlacement):
         self.script: list[BaseException] = []
         self.released: list[ContentKey] = []
 
-    async def place(self, key: ContentKey, *, avoid: frozenset = frozenset(), on_wait: Any = None) -> Any:
+    async def place(self, key: ContentKey, *, avoid: frozenset = frozenset()) -> Any:
         self.places.append((key, avoid))
         if self.script:
             raise self.script.pop(0)
@@ -164,6 +162,7 @@ class Proxy:
         max_wait: float = 120.0,
         keepalive_interval: float = 1.0,
         failover_attempts: int = 0,
+        failover_reset: float = 30.0,
         high_water: int = 0,
     ) -> None:
         self.clock = MemoryReactorClock()
@@ -184,7 +183,8 @@ class Proxy:
             on_session_closed=self._closed,
             on_engine_lost=lambda s, r: self.lost.append((s, r)),
             waits=self.waits,
-            failover_attempts=failover_attempts,
+            failover=RetryPolicy(failover_attempts, initial=1.0, factor=2.0, cap=30.0, jitter=lambda: 0),
+            failover_reset=failover_reset,
         )
         if self.waits is not None:
             self.waits.prewarm = self.registry.prewarm

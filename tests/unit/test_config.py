@@ -482,6 +482,7 @@ EXPECTED_TABLE = [
     ("queue_size", "ACEXY_QUEUE_SIZE", (), "queue-size", "32"),
     ("wait_mode", "ACEXY_WAIT_MODE", (), "wait-mode", "hold"),
     ("failover_attempts", "ACEXY_FAILOVER_ATTEMPTS", (), "failover-attempts", "3"),
+    ("failover_reset", "ACEXY_FAILOVER_RESET", (), "failover-reset", "30s"),
     ("token", "ACEXY_TOKEN", (), "token", ""),
     ("m3u8", "ACEXY_M3U8", (), "m3u8", "false"),
     ("log_format", "ACEXY_LOG_FORMAT", (), "log-format", "text"),

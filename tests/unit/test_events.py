@@ -13,6 +13,7 @@ from acexy_tw.content import ContentKey
 from acexy_tw.engine import EngineAddress, PlaybackInfo
 from acexy_tw.orchestrator.client import OrchestratorError, OrchestratorUnavailable
 from acexy_tw.orchestrator.events import EventReporter
+from acexy_tw.retry import RetryPolicy
 
 
 class FakeOrch:
@@ -46,7 +47,7 @@ class EventReporterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.orch = FakeOrch()
-        self.events = EventReporter(self.orch, self.clock, attempts=3, retry_delay=1.0)
+        self.events = EventReporter(self.orch, self.clock, retry=RetryPolicy(3, initial=1.0, jitter=lambda: 0))
 
     def test_started_then_ended_with_the_exact_stream_id(self) -> None:
         s = session()

@@ -50,7 +50,7 @@ class HoldTests(SynchronousTestCase):
         self.assertEqual(len(c.body()), 2 * len(KEEPALIVE))
         p.clock.pump([1, 1, 1])  # (one big advance would let LoopingCall skip missed ticks)
         self.assertEqual(len(c.body()), 5 * len(KEEPALIVE))
-        self.assertEqual(p.registry.get(key()).state, "held")
+        self.assertEqual(p.registry.get(key()).state, "waiting")
 
     def test_when_the_engine_comes_the_real_stream_follows_on_the_same_connection(self) -> None:
         p = Proxy(queue_size=8)
@@ -168,7 +168,7 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(list(p.waits.demands), [key()])
         p.waits.kick()  # capacity back: the session is started for nobody yet
         session = p.registry.get(key())
-        self.assertEqual(session.state, "streaming")
+        self.assertEqual(session.state, "lingering")
         self.assertEqual(len(p.engine.starts), 1)
         again = p.connect()  # the player's retry
         p.engine.response.data(ts(2))
@@ -257,7 +257,10 @@ class FailoverTests(SynchronousTestCase):
 
         p.engine.start = lambda k: fail(EngineError("refused"))
         p.engine.response.eof()
+        self.assertFalse(c.finished_cleanly())  # the second attempt waits 1 s
+        p.clock.advance(1)
         self.assertTrue(c.finished_cleanly())
+        self.assertEqual(len(p.placement.places), 3)  # the first placement and two attempts
         self.assertIsNone(p.registry.get(key()))
         self.assertEqual(our_delayed_calls(p.clock), [])
 
@@ -294,10 +297,10 @@ class SettleWindowTests(SynchronousTestCase):
         slow: Deferred = Deferred()
         original = p.placement.place
 
-        async def place(key, *, avoid=frozenset(), on_wait=None):
+        async def place(key, *, avoid=frozenset()):
             if key.value == CID:
                 await slow  # A's new engine takes a while to come up
-            return await original(key, avoid=avoid, on_wait=on_wait)
+            return await original(key, avoid=avoid)
 
         p.placement.place = place
         p.waits.kick()

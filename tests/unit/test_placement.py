@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -21,6 +22,7 @@ from acexy_tw.orchestrator.client import (
     ProvisionTimeout,
 )
 from acexy_tw.orchestrator.health import HealthMonitor
+from acexy_tw.retry import RetryPolicy
 from acexy_tw.placement import NoEngine, Placement
 
 
@@ -230,39 +232,119 @@ class ProvisioningTests(SynchronousTestCase):
             self.assertIn(text, str(f.value))
             self.assertEqual(f.value.retry_after, 10)  # unknown ETA: the outage poll interval
 
-    def test_a_503_is_retried_after_eta_half_then_eta(self) -> None:
+    def test_a_503_is_a_wait_at_once_never_a_blind_retry(self) -> None:
         h = Harness()
+        h.monitor.startService()
         blocked = ProvisionBlocked("vpn_disconnected", "VPN down", recovery_eta_seconds=60, can_retry=True, should_wait=True, http_status=503)
-        h.orch.provision_answers = [blocked, blocked, "ok"]
-        d = h.place(key(1))
+        h.orch.provision_answers = [blocked, "ok"]
+        f = self.failureResultOf(h.place(key(1)), NoEngine)
+        self.assertEqual((f.value.code, f.value.http_status, f.value.retry_after), ("vpn_disconnected", 503, 60))
         self.assertEqual(h.orch.provision_calls, [0])
-        h.clock.advance(29.9)
-        self.assertEqual(len(h.orch.provision_calls), 1)
-        h.clock.advance(0.1)
-        self.assertEqual(h.orch.provision_calls, [0, 30])
-        h.clock.advance(60)
-        self.assertEqual(h.orch.provision_calls, [0, 30, 90])
-        engine, _ = self.successResultOf(d)
-        self.assertIsNotNone(engine.container_id)
+        h.clock.pump([1] * 120)  # the ETA passes: placement itself never posts again
+        self.assertEqual(h.orch.provision_calls, [0])
+        h.monitor.stopService()
 
-    def test_without_eta_backoff_is_1_then_2_seconds(self) -> None:
+    def test_a_503_updates_the_monitor_at_once_and_blocks_the_next_post(self) -> None:
         h = Harness()
-        blocked = ProvisionBlocked("vpn_error", "?", recovery_eta_seconds=None, can_retry=True, should_wait=True)
-        h.orch.provision_answers = [blocked, blocked, blocked]
-        d = h.place(key(1))
-        h.clock.pump([1, 2])
-        self.assertEqual(h.orch.provision_calls, [0, 1, 3])
-        f = self.failureResultOf(d, NoEngine)
-        self.assertEqual(f.value.http_status, 503)
-
-    def test_eta_zero_waits_the_outage_poll_interval(self) -> None:
-        h = Harness()
+        h.monitor.startService()
+        polls = h.monitor.polls
         h.orch.provision_answers = [ProvisionBlocked("circuit_breaker", "open", recovery_eta_seconds=0, should_wait=True)]
-        h.place(key(1))
-        h.clock.advance(9)
-        self.assertEqual(len(h.orch.provision_calls), 1)
-        h.clock.advance(1)
+        self.failureResultOf(h.place(key(1)), NoEngine)
+        self.assertEqual(h.monitor.polls, polls + 1)  # the status is asked again at once
+        self.assertTrue(h.monitor.blocked)  # the lagging snapshot still says can_provision
+        self.assertEqual(h.monitor.current_interval, 10)  # outage polling
+        f = self.failureResultOf(h.place(key(2)), NoEngine)
+        self.assertEqual(f.value.code, "circuit_breaker")
+        self.assertEqual(len(h.orch.provision_calls), 1)  # no second POST
+        h.monitor.stopService()
+
+    def test_the_refusal_stands_until_the_status_changes(self) -> None:
+        h = Harness()
+        h.monitor.startService()
+        h.orch.provision_answers = [ProvisionBlocked("vpn_disconnected", "VPN down", recovery_eta_seconds=60, should_wait=True)]
+        self.failureResultOf(h.place(key(1)), NoEngine)
+        h.clock.advance(10)  # a poll: the status still lags
+        self.assertTrue(h.monitor.blocked)
+        h.snapshot = status(can_provision=False, code="vpn_disconnected", vpn_down=True)
+        h.clock.advance(10)  # the status caught up: it rules from now on
+        self.assertIsNone(h.monitor.refusal)
+        self.assertEqual(h.monitor.blocked_code, "vpn_disconnected")
+        h.snapshot = status()
+        h.clock.advance(10)  # VPN back
+        self.assertFalse(h.monitor.blocked)
+        self.successResultOf(h.place(key(1)))
         self.assertEqual(len(h.orch.provision_calls), 2)
+        h.monitor.stopService()
+
+    def test_a_refusal_the_status_never_shows_expires_after_the_normal_interval(self) -> None:
+        h = Harness()
+        h.monitor.startService()
+        h.orch.provision_answers = [ProvisionBlocked("vpn_disconnected", "VPN down", recovery_eta_seconds=60, should_wait=True)]
+        self.failureResultOf(h.place(key(1)), NoEngine)
+        h.clock.pump([10, 10])
+        self.assertTrue(h.monitor.blocked)
+        h.clock.advance(10)  # 30 s: at most one POST per normal interval while the status lies
+        self.assertFalse(h.monitor.blocked)
+        h.monitor.stopService()
+
+    def test_gluetun_active_replicas_500_is_a_capacity_wait(self) -> None:
+        from acexy_tw.orchestrator.client import OrchestratorClient
+
+        client = OrchestratorClient(None, "http://orch", "k", Clock())  # type: ignore[arg-type]
+        refusal = client._error(500, b'{"detail": "Maximum active replicas limit reached (2)"}', "provision",
+                                posted=True, unknown_outcome=ProvisionTimeout)
+        h = Harness()
+        h.monitor.startService()
+        h.orch.provision_answers = [refusal]
+        f = self.failureResultOf(h.place(key(1)), NoEngine)
+        self.assertEqual((f.value.code, f.value.http_status), ("max_capacity", 503))
+        self.assertEqual(h.monitor.blocked_code, "max_capacity")
+        h.monitor.stopService()
+
+    def test_no_post_when_the_engines_reach_max_replicas(self) -> None:
+        h = Harness(snapshot=replace(status(), max_replicas=2))
+        h.orch.add(1, streams=1)
+        h.orch.add(2, streams=1)  # both busy, max_replicas reached: the POST would not refuse
+        f = self.failureResultOf(h.place(key(3)), NoEngine)
+        self.assertEqual((f.value.code, f.value.http_status), ("max_capacity", 503))
+        self.assertEqual(h.orch.provision_calls, [])
+
+    def test_provisions_in_flight_count_toward_max_replicas(self) -> None:
+        h = Harness(snapshot=replace(status(), max_replicas=1))
+        pending: Deferred = Deferred()
+        h.orch.provision = lambda: (h.orch.provision_calls.append(0), pending)[1]  # type: ignore[assignment]
+        h.place(key(1))  # posted, not answered yet
+        f = self.failureResultOf(h.place(key(2)), NoEngine)
+        self.assertEqual(f.value.code, "max_capacity")
+        self.assertEqual(h.orch.provision_calls, [0])
+
+    def test_a_403_is_a_502_naming_the_setting_and_an_operator_warning(self) -> None:
+        from acexy_tw.orchestrator.client import OrchestratorAuthError
+
+        h = Harness()
+        h.orch.provision_answers = [OrchestratorAuthError("orchestrator refused provision with HTTP 403: check ACEXY_ORCH_APIKEY", 403)]
+        f = self.failureResultOf(h.place(key(1)), NoEngine)
+        self.assertEqual(f.value.http_status, 502)
+        self.assertIn("ACEXY_ORCH_APIKEY", str(f.value))
+        self.assertTrue(any("ACEXY_ORCH_APIKEY" in w for w in h.monitor.warnings()))
+        self.assertEqual(h.monitor.auth_failures, 1)
+        self.successResultOf(h.place(key(2)))  # a POST that works clears the warning
+        self.assertFalse(any("ACEXY_ORCH_APIKEY" in w for w in h.monitor.warnings()))
+        self.flushLoggedErrors()
+
+    def test_timeouts_are_reposted_under_the_retry_policy_bounded_and_spaced(self) -> None:
+        h = Harness()
+        h.placement.retry = RetryPolicy(3, initial=1.0, factor=2.0, jitter=lambda: 0)
+
+        def provision() -> Deferred:  # every POST times out and starts nothing, forever
+            h.orch.provision_calls.append(h.clock.seconds())
+            return fail(ProvisionTimeout("no answer in 60s"))
+
+        h.orch.provision = provision  # type: ignore[assignment]
+        d = h.place(key(1))
+        h.clock.pump([1] * 60)
+        self.assertEqual(h.orch.provision_calls, [0, 1, 3])
+        self.assertEqual(self.failureResultOf(d, NoEngine).value.code, "provision_timeout")
 
     def test_a_500_is_not_retried(self) -> None:
         h = Harness()
@@ -336,21 +418,6 @@ class ProvisioningTests(SynchronousTestCase):
         d = h.place(key(1))
         h.clock.pump([0.25] * 121)
         self.assertEqual(self.failureResultOf(d, NoEngine).value.retry_after, 1)
-
-
-class ReservationTests(SynchronousTestCase):
-    def test_restarted_session_is_counted_once(self) -> None:
-        h = Harness(max_streams=2)
-        engine = h.orch.add(1)
-        client, info = self.successResultOf(h.place(key(1)))
-        stream_id = f"{key(1).value}|{info.playback_session_id}"
-        listed = OrchestratedEngine(engine.container_id, engine.container_name, engine.host, engine.port, streams=(stream_id,))
-        self.assertEqual(h.placement._extra_load([listed]), {})  # reported: counted by the orchestrator only
-        new_info = PlaybackInfo("http://x/r", "http://x/s", "http://x/c", "i", "f" * 40, 1)
-        h.placement.restarted(key(1), new_info)  # failover on the same engine
-        relisted = OrchestratedEngine(engine.container_id, engine.container_name, engine.host, engine.port,
-                                      streams=(f"{key(1).value}|{'f' * 40}",))
-        self.assertEqual(h.placement._extra_load([relisted]), {})
 
 
 class UnavailableTests(SynchronousTestCase):
