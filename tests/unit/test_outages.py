@@ -320,3 +320,41 @@ class UnavailableTests(SynchronousTestCase):
             self.assertEqual(c.status(), 200, mode)
             self.assertTrue(only_nulls(c.body()))
             self.assertEqual(p.registry.get(key()).waiting_reason, "unavailable")
+
+
+class HeldCountTests(SynchronousTestCase):
+    def test_players_kept_alive_by_a_failover_are_counted_as_held(self) -> None:
+        p = Proxy(failover_attempts=3, queue_size=8)
+        a, b = p.connect(), p.connect()
+        p.engine.response.data(ts(1))
+        from twisted.internet.defer import fail
+
+        p.engine.start = lambda k: fail(EngineError("refused"))  # the immediate attempt fails: 1 s backoff
+        p.engine.response.reset()
+        session = p.registry.get(key())
+        self.assertEqual(session.state, "recovering")
+        self.assertEqual(p.waits.held, [])  # not queued: it retries on its own budget...
+        self.assertEqual(p.waits.held_players, 2)  # ...but its players get keepalive: they are held
+        doc = p.waits.describe()
+        self.assertEqual(doc["players"], 2)
+        self.assertEqual([(s["key"], s["reason"], s["players"]) for s in doc["sessions"]], [(str(key()), "failover", 2)])
+        p.clock.advance(1)
+        p.clock.advance(2)  # budget spent: clean end
+        self.assertTrue(a.finished_cleanly() and b.finished_cleanly())
+        self.assertEqual(p.waits.held_players, 0)
+        self.flushLoggedErrors(EngineError)
+
+    def test_a_queue_full_counts_players_kept_alive_by_a_failover(self) -> None:
+        p = Proxy(failover_attempts=3, queue_size=2)
+        p.connect(), p.connect()
+        p.engine.response.data(ts(1))
+        from twisted.internet.defer import fail
+
+        original = p.engine.start
+        p.engine.start = lambda k: fail(EngineError("refused"))
+        p.engine.response.reset()  # two players held by the failover
+        p.engine.start = original
+        p.placement.script = [vpn_down()]
+        c = p.connect(b"/ace/getstream?id=" + CID2.encode())
+        self.assertEqual(c.status(), 503)  # no room left for a third held player
+        self.flushLoggedErrors(EngineError)
