@@ -1,23 +1,18 @@
 """
 The engine session's lifecycle: one explicit state machine (Automat).
 
-::
+Every legal transition (:data:`TRANSITIONS`)::
 
-                  told_to_wait                       opened
-      starting ───────────────> waiting ─────────────────────────┐
-        │  │                     ▲   │ told_to_wait (again)      │
-        │  │ opened              │   └──────┘                    ▼
-        │  └─────────────────────┼────────────────────────> streaming <──┐
-        │                        │ told_to_wait            │  │   ▲      │
-        │                        │                         │  │   │      │ opened
-        │                        └──── recovering <────────┘  │   │      │
-        │                                 │  engine_failed    │   │      │
-        │                                 └───────────────────┼───┼──────┘
-        │                                                     │   │ joined
-        │                                            emptied  ▼   │
-        │                                                  lingering
-        │
-        └── any state ── close ──> closed
+    starting    ── opened ────────> streaming
+    starting    ── told_to_wait ──> waiting
+    waiting     ── told_to_wait ──> waiting      a retry told to wait again
+    waiting     ── opened ────────> streaming
+    streaming   ── engine_failed ─> recovering   live, players attached, attempts left
+    streaming   ── emptied ───────> lingering
+    recovering  ── opened ────────> streaming
+    recovering  ── told_to_wait ──> waiting
+    lingering   ── joined ────────> streaming
+    any but closed ── close ──────> closed
 
 What players get follows from the state alone:
 
