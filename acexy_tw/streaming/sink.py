@@ -34,7 +34,7 @@ when the player disconnects (its canceller detaches the sink).
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
@@ -42,10 +42,17 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from acexy_tw.logs import get_logger
 from zope.interface import implementer
 
-if TYPE_CHECKING:  # pragma: no cover
-    from acexy_tw.streaming.session import EngineSession
-
 log = get_logger(__name__)
+
+
+class SinkOwner(TypingProtocol):
+    """What a sink tells the session it is attached to (``EngineSession``)."""
+
+    def sink_paused(self, sink: "ClientSink") -> None: ...
+
+    def sink_resumed(self, sink: "ClientSink") -> None: ...
+
+    def detach(self, sink: "ClientSink") -> None: ...
 
 
 def chunk(data: bytes) -> bytes:
@@ -102,7 +109,7 @@ class ClientSink:
         on_first_byte: Optional[Callable[["ClientSink"], None]] = None,
     ) -> None:
         self.request = request
-        self.session: Optional[EngineSession] = None
+        self.session: Optional[SinkOwner] = None
         self.peer = peer
         self.state = self.WAITING
         #: the transport will not take more now

@@ -28,6 +28,7 @@ KEY_A = "94c2fd8fb9bc8f2fc71a2cbe9d4b866f227a0209"
 KEY_B = "d34db33f0c0ffee5a1b2c3d4e5f60718293abeef"
 KEY_HELD = "5e1dc0de77aa00bb11cc22dd33ee44ff55667788"
 WARNING = "VPN down: new players are held until it is back"
+AUTH_WARNING = "orchestrator refused provisioning with HTTP 403: check ACEXY_ORCH_APIKEY"
 HELD_REASON = "vpn down, waiting for the orchestrator"
 INJECTED = '<b id="injected">bold?</b>'
 
@@ -84,7 +85,7 @@ STATUS = {
         ),
         stream(
             KEY_B + "?pid=7",
-            state="failover",
+            state="recovering",
             engine="http://172.18.0.9:6878",
             bytes_in=48_213_004,
             bytes_out=47_900_000,
@@ -95,7 +96,7 @@ STATUS = {
             failovers=1,
             client_list=[client("192.168.1.44:38001", 47_900_000, 2_097_152, paused=True)],
         ),
-        stream(KEY_HELD, state="held", engine=None, waiting_reason=HELD_REASON, waiting=37.9,
+        stream(KEY_HELD, state="waiting", engine=None, waiting_reason=HELD_REASON, waiting=37.9,
                client_list=[client("10.0.0.7:50500", 0)]),
     ],
     "orchestrator": {
@@ -103,7 +104,7 @@ STATUS = {
         "last_error": None,
         "snapshot_age": 1.3,
         "poll_interval": 5.0,
-        "warnings": [WARNING],
+        "warnings": [AUTH_WARNING, WARNING],
         "fallback_engine": "http://127.0.0.1:6878",
         "in_outage": True,
         "fallbacks": 3,
@@ -238,6 +239,8 @@ def test_dashboard_renders_status(tmp_path):
         assert short(key) in dom
     assert short(KEY_B) + "?pid=7" in dom
     assert WARNING in dom
+    assert AUTH_WARNING in dom  # a wrong ACEXY_ORCH_APIKEY is shown to the operator
+    assert 'class="st st-waiting"' in dom  # the lifecycle state is styled
     assert HELD_REASON in dom
     assert "1.4.0" in dom and "1d 2h" in dom  # header: version, uptime
     assert "3.22 GiB" in dom  # bytes out of KEY_A, human-readable
