@@ -170,6 +170,8 @@ class EngineSession:
         self._keepalive: Optional[LoopingCall] = None
         self._retry_waiters: list[Deferred] = []
         self._gap_started: Optional[float] = None
+        self._last_piece_at = 0.0
+        self._healthy_silence = min(HEALTHY_SILENCE, empty_timeout)
 
     def __repr__(self) -> str:
         return f"<EngineSession {self.key} {self.state} clients={len(self.sinks)}>"
@@ -198,7 +200,11 @@ class EngineSession:
 
     @property
     def closed(self) -> bool:
-        return self.state == CLOSED
+        # ``close_reason`` is set first thing in close(): a close that runs
+        # inside a transition (a player cut by the keepalive that entering
+        # ``recovering`` sends) is already closed for everything after it,
+        # although Automat applies the ``close`` input once that transition ends.
+        return self.close_reason is not None or self.state == CLOSED
 
     @property
     def waiting(self) -> bool:
@@ -451,8 +457,13 @@ class EngineSession:
     # -- the engine connection (its UpstreamListener interface) ---------------------------
 
     def upstream_piece(self, piece: bytes) -> None:
-        if self.incident is not None and self._healthy_call is None and self.state == STREAMING:
-            self._healthy_call = self._clock.callLater(self._failover_reset, self._check_healthy)
+        if self.incident is not None and self.state == STREAMING:
+            # A healthy period is real data without a gap longer than HEALTHY_SILENCE.
+            now = self._clock.seconds()
+            if self._healthy_call is None or now - self._last_piece_at > self._healthy_silence:
+                self._cancel(self._healthy_call)
+                self._healthy_call = self._clock.callLater(self._failover_reset, self._check_healthy)
+            self._last_piece_at = now
         self._fanout.deliver(piece)
 
     def upstream_lost(self, reason: str, *, clean: bool, error: EngineError) -> None:
@@ -492,6 +503,8 @@ class EngineSession:
         # the players' gap began with the last real byte
         self._gap_started = conn.last_data if conn is not None else now
         self._life.inputs.engine_failed()
+        if self.closed:  # its keepalive let the last player go
+            return
         self._next_attempt(None)
 
     def _engine_failed_in_incident(self) -> None:
@@ -524,10 +537,9 @@ class EngineSession:
     def _check_healthy(self) -> None:
         """``failover_reset`` seconds after real data came back: is it still flowing?"""
         self._healthy_call = None
-        conn = self._conn
-        if self.incident is None or conn is None or self.state != STREAMING:
+        if self.incident is None or self._conn is None or self.state != STREAMING:
             return
-        if conn.silence() < min(HEALTHY_SILENCE, self._empty_timeout):
+        if self._clock.seconds() - self._last_piece_at < self._healthy_silence:
             log.info(
                 "stream of {key} healthy again: failover incident over after {n} attempt(s)",
                 key=str(self.key),

@@ -706,11 +706,29 @@ class FailoverBudgetTests(SynchronousTestCase):
         p, s, c, times = self._streaming(failover_reset=10)
         p.clock.advance(5)
         p.engine.response.reset()
+        p.engine.response.data(ts(1))  # t=5: the healthy period begins
+        p.clock.advance(4.9)
+        p.engine.response.data(ts(1))  # t=9.9: a 4.9 s gap does not restart it
+        p.clock.advance(4.9)
+        p.engine.response.data(ts(1))  # t=14.8
+        p.clock.advance(0.2)
+        self.assertEqual(p.clock.seconds(), 15.0)
+        self.assertIsNone(s.incident)
+
+    def test_a_gap_over_five_seconds_inside_the_period_starts_it_again(self) -> None:
+        p, s, c, times = self._streaming(failover_reset=10)
+        p.clock.advance(5)
+        p.engine.response.reset()
         p.engine.response.data(ts(1))  # t=5
         p.clock.advance(5.1)
-        p.engine.response.data(ts(1))  # t=10.1: 4.9 s before the check
+        p.engine.response.data(ts(1))  # t=10.1: after a 5.1 s gap the period starts again
         p.clock.advance(4.9)
-        self.assertEqual(p.clock.seconds(), 15.0)
+        p.engine.response.data(ts(1))  # t=15
+        self.assertIsNotNone(s.incident)  # not 10 s of data without a gap yet
+        for _ in range(5):  # t=15 .. 19
+            p.clock.advance(1)
+            p.engine.response.data(ts(1))
+        p.clock.advance(0.1)  # t=20.1: ten seconds since 10.1
         self.assertIsNone(s.incident)
 
     def test_data_coming_back_after_a_failed_check_starts_a_new_healthy_period(self) -> None:
