@@ -383,4 +383,5 @@ class Placement:
             "fallbacks": self.fallbacks,
             "provision_attempts": dict(self.provision_attempts),
             "reservations": len(self.reservations),
+            "provisioning": self.provisioning,
         }
