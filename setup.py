@@ -12,7 +12,7 @@ setup(
     setup_requires=["incremental>=24.7.2"],
     install_requires=[
         "incremental>=24.7.2",
-        "twisted[tls]>=24.7.0",
+        "twisted[tls]>=24.7.0,<27",  # acexy_tw/_twisted_compat.py: checked on this range
         "treq>=24.9.1",
         "klein>=24.8.0",
         "pyopenssl>=24.0.0",

@@ -10,11 +10,11 @@ not a traceback: it is a configuration mistake, not a command-line one.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Optional
 
 from twisted.python import usage
 
+from acexy_tw._twisted_compat import leave_tls_unloaded  # imports neither the reactor nor pyOpenSSL
 from acexy_tw.config import Config, ConfigError, load_config, option_parameters
 
 
@@ -57,24 +57,6 @@ def uses_tls(config: Config) -> bool:
         or config.engine_scheme == "https"
         or (config.orch_url or "").startswith("https:")
     )
-
-
-def leave_tls_unloaded() -> bool:
-    """
-    Keep pyOpenSSL, and the cryptography package under it, out of a process
-    that will never speak TLS: 12 MiB of the 57 MiB idle process.
-
-    Twisted's TCP module imports pyOpenSSL whenever it is installed (for
-    ``startTLS``), the moment the reactor is imported, whether or not anything
-    uses it. Marked missing in ``sys.modules`` before that import, it is not
-    loaded, and Twisted builds its TCP transports without ``startTLS``, just
-    as where pyOpenSSL is not installed. Only done before anything has loaded
-    Twisted's TCP module; returns whether it was done.
-    """
-    if "OpenSSL" in sys.modules or "twisted.internet.tcp" in sys.modules:
-        return False
-    sys.modules["OpenSSL"] = None  # type: ignore[assignment]
-    return True
 
 
 def makeService(options: Options, reactor: Any = None) -> Any:

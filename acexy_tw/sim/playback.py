@@ -29,6 +29,7 @@ from twisted.web.http import RESPONSES
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from acexy_tw._twisted_compat import unsent_bytes
 from acexy_tw.sim.model import Behaviour, SimSession
 from acexy_tw.sim.tsgen import TSGenerator
 from acexy_tw.streaming.mpegts import PACKET_SIZE
@@ -46,17 +47,6 @@ _ERROR_PAGE = (
     "<html><head><title>{code} {message}</title></head>"
     "<body><h1>{code} {message}</h1><p>AceStream engine: playback failed.</p></body></html>"
 )
-
-
-def _unsent_bytes(transport: Any) -> int:
-    """Bytes still queued in Twisted's own write buffer for ``transport``.
-
-    Twisted has no public API for this; ``FileDescriptor`` keeps them in
-    ``dataBuffer`` (from ``offset``) and ``_tempDataBuffer``.  Anything that is
-    not a ``FileDescriptor`` counts as drained.
-    """
-    buffered = getattr(transport, "dataBuffer", b"")
-    return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
 
 
 def _byte_budget(behaviour: Behaviour) -> tuple[Optional[int], Optional[str]]:
@@ -308,7 +298,7 @@ class PlaybackStream:
         transport = channel.transport if channel is not None else None
         if (
             transport is None
-            or _unsent_bytes(transport) <= 0
+            or unsent_bytes(transport) <= 0
             or self._reactor.seconds() >= self._reset_deadline
         ):
             self._end("engine", "reset", abort=True)

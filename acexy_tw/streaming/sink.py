@@ -15,8 +15,9 @@ after nearly every large write — so passing every such pause on to the engine
 socket would serialise reading and writing (measured: three epoll_ctl calls
 per 64 KiB chunk). The backlog's cap still bounds the memory.
 
-A streaming player is written with :func:`write_through`: sent at once while
-its transport has nothing queued, Twisted's ``write`` otherwise.
+A streaming player is written with :func:`acexy_tw._twisted_compat.write_through`:
+sent at once while its transport has nothing queued, Twisted's ``write``
+otherwise.
 
 Lifecycle, all transitions idempotent:
 
@@ -36,9 +37,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from acexy_tw._twisted_compat import write_through
 from acexy_tw.logs import get_logger
 from zope.interface import implementer
 
@@ -58,38 +59,6 @@ class SinkOwner(TypingProtocol):
 def chunk(data: bytes) -> bytes:
     """``data`` as one HTTP/1.1 chunk (what Request.write sends, in one piece)."""
     return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def write_through(transport: Any, data: bytes) -> None:
-    """
-    ``transport.write(data)``, but sent at once when nothing is queued.
-
-    Twisted's TCP transport always queues a write and sends it on the next
-    reactor round, turning write interest on and then off again around every
-    write: two ``epoll_ctl`` calls, one more ``epoll_wait`` event and a dozen
-    Python frames per write, for every player of every piece. A player that
-    keeps up has an empty queue nearly always, so this sends straight away
-    with the transport's own ``writeSomeData`` and queues only what the
-    socket did not take. Anything but a plain TCP transport with an empty
-    queue (TLS, a transport closing, a queue not yet drained, a Twisted
-    without these attributes) takes the ordinary ``write``, so order and
-    flow control are Twisted's own.
-    """
-    if (
-        type(transport) is tcp.Server
-        and not getattr(transport, "TLS", False)
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "_writeDisconnected", True)
-        and getattr(transport, "_tempDataLen", None) == 0
-        and transport.offset == len(transport.dataBuffer)
-    ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:
-            if sent == len(data):
-                return
-            data = data[sent:]
-    transport.write(data)
 
 
 @implementer(IPushProducer)

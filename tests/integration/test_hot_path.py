@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from acexy_tw.service import ENGINE_READ_SIZE
 from acexy_tw.streaming.mpegts import PACKET_SIZE
 from acexy_tw.streaming.upstream import EngineConnection
-from acexy_tw.streaming.sink import write_through
+from acexy_tw._twisted_compat import write_through
 from tests.integration.harness import Player, reactor, sim_engine, start_proxy, within
 
 

@@ -1,0 +1,467 @@
+"""
+Every use of a Twisted API that Twisted does not promise to keep, in one place.
+
+Each one bought something measured (README "Performance"); each one is
+checked by a feature test on the running Twisted, recorded in a module-level
+flag, and falls back to a public path that is slower or noisier but still
+correct when the test fails. ``tests/unit/test_twisted_compat.py`` asserts
+that every private path is taken on the installed Twisted, which must be in
+the range ``setup.py`` declares, and that every fallback works with the
+private name taken away.
+
+Write-through to players: :func:`write_through`
+    Uses ``FileDescriptor._tempDataLen``, ``dataBuffer``, ``offset`` and
+    ``_writeDisconnected`` to see that a ``tcp.Server`` has nothing queued,
+    and its ``writeSomeData`` (the hook ``doWrite`` calls, not meant for
+    callers) to send at once. Twisted's ``write`` queues every write for the
+    next reactor round and turns write interest on and off around it: two
+    ``epoll_ctl`` calls, one more ``epoll_wait`` event and a dozen Python
+    frames per player per piece. Measured: fan-out 0.93–1.02 → 0.62–0.77 CPU
+    s/GB, relay 1.57 → 1.28 s/GB.
+    Feature test (``HAS_WRITE_THROUGH``, on first use): ``HAS_WRITE_BUFFER``,
+    and :func:`write_through` itself, run on real ``tcp.Server`` instances
+    over stand-in sockets, sends a piece straight to the socket when nothing
+    is queued, queues it behind what is, and queues what the socket did not
+    take.
+    Fallback: ``transport.write(data)``.
+
+Twisted's unsent bytes: :func:`unsent_bytes`
+    ``len(dataBuffer) - offset + _tempDataLen`` of a ``FileDescriptor``; no
+    public API says how much a transport still holds. The simulated engine
+    resets a connection only once its byte budget has left that buffer, so
+    a player sees exactly ``reset_after`` bytes before the RST.
+    Feature test (``HAS_WRITE_BUFFER``, at import): a ``FileDescriptor`` on a
+    stand-in reactor counts 0, then 3 after ``write(b"abc")``, then 2 after a
+    ``doWrite`` whose send takes one byte.
+    Fallback: 0, "nothing known to be queued" (what a transport that is not a
+    ``FileDescriptor`` always gets): the reset comes at once rather than after
+    the flush, so the simulator's reset point may come early; nothing in the
+    proxy reads this.
+
+Quiet engine connections read in large pieces: :func:`quiet_pool`
+    Sets ``HTTPConnectionPool._factory`` (a documented ivar, but private) to a
+    subclass of ``twisted.web.client._HTTP11ClientFactory`` that builds
+    protocols with its ``_quiescentCallback``. The subclass is not ``noisy``
+    (else every engine connection logs "Starting factory", STYLE.md pitfall
+    14), and its protocol sets the transport's ``bufferSize``, which
+    ``tcp.Connection.doRead`` passes to ``recv``: 256 KiB instead of 64 KiB
+    per read, relay 1.28–1.46 → 0.95–1.12 CPU s/GB.
+    Feature tests (on each call, cheap): ``HAS_QUIET_POOL``: the pool calls
+    ``_factory``, which is ``_HTTP11ClientFactory``, with a quiescent callback
+    the factory keeps as ``_quiescentCallback``; ``HAS_READ_SIZE``: a real
+    ``tcp.Connection`` on a stand-in socket asks ``recv`` for ``bufferSize``.
+    Fallback: a plain ``HTTPConnectionPool`` with the same public settings
+    (connections log "Starting factory" and read 64 KiB); without
+    ``HAS_READ_SIZE`` only ``bufferSize`` is left alone.
+
+pyOpenSSL left unloaded: :func:`leave_tls_unloaded`
+    ``sys.modules["OpenSSL"] = None`` before Twisted's TCP module is imported,
+    so that Twisted takes pyOpenSSL as not installed and builds its transports
+    without ``startTLS``: 12 MiB of the 57 MiB idle process.
+    Feature test (on the call, the only moment it can run): neither pyOpenSSL
+    nor ``twisted.internet.tcp`` is loaded yet, and ``twisted.internet.tcp``
+    and ``twisted.web.client`` then import without it.
+    Fallback: the marker is taken back and pyOpenSSL loads as usual.
+
+Import cost: ``acexy_tw.tap`` imports this module before the reactor and
+before :func:`leave_tls_unloaded`, and both ``twisted.internet.tcp`` and
+``twisted.web.client`` load pyOpenSSL. So only the ``FileDescriptor`` test
+runs at import; the others run when first needed (by then those modules are
+loaded anyway), and ``HAS_WRITE_THROUGH``, ``HAS_QUIET_POOL`` and
+``HAS_READ_SIZE`` are computed when read (module ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+
+from acexy_tw.logs import get_logger
+
+if TYPE_CHECKING:
+    from twisted.web.client import HTTPConnectionPool
+
+__all__ = [
+    "HAS_QUIET_POOL",
+    "HAS_READ_SIZE",
+    "HAS_WRITE_BUFFER",
+    "HAS_WRITE_THROUGH",
+    "POOL_SETTINGS",
+    "TLS_LOADING_MODULES",
+    "leave_tls_unloaded",
+    "quiet_pool",
+    "unsent_bytes",
+    "write_through",
+]
+
+log = get_logger(__name__)
+
+
+class _StandInReactor:
+    """Just enough of IReactorFDSet for a transport built by a feature test."""
+
+    def __init__(self) -> None:
+        self.writers: list[Any] = []
+
+    def addReader(self, reader: Any) -> None:
+        pass
+
+    def addWriter(self, writer: Any) -> None:
+        self.writers.append(writer)
+
+    def removeReader(self, reader: Any) -> None:
+        pass
+
+    def removeWriter(self, writer: Any) -> None:
+        pass
+
+
+class _StandInSocket:
+    """A socket that takes ``send_limit`` bytes per send and records recv sizes."""
+
+    def __init__(self, send_limit: int = 1 << 30) -> None:
+        self.sent: list[bytes] = []
+        self.recv_sizes: list[int] = []
+        self._send_limit = send_limit
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1
+
+    def send(self, data: Any) -> int:
+        taken = bytes(data[: self._send_limit])
+        self.sent.append(taken)
+        return len(taken)
+
+    def recv(self, size: int) -> bytes:
+        self.recv_sizes.append(size)
+        return b"x"
+
+
+def _unsent(transport: Any) -> int:
+    buffered = getattr(transport, "dataBuffer", b"")
+    return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+
+
+def _warn_fallback(what: str, fallback: str) -> None:
+    log.warn(
+        "Twisted {version}: {what} is not what acexy_tw._twisted_compat expects; {fallback}",
+        version=_twisted_version(),
+        what=what,
+        fallback=fallback,
+    )
+
+
+def _twisted_version() -> str:
+    import twisted
+
+    return str(getattr(twisted, "__version__", "?"))
+
+
+# --- Twisted's write buffer -------------------------------------------------
+
+
+def _probe_write_buffer() -> bool:
+    """Whether ``FileDescriptor`` keeps its queue as :func:`unsent_bytes` reads it."""
+
+    class Descriptor(FileDescriptor):
+        connected = 1
+
+        def __init__(self) -> None:
+            super().__init__(reactor=_StandInReactor())  # type: ignore[arg-type]
+            self.socket = _StandInSocket(send_limit=1)
+
+        def writeSomeData(self, data: bytes) -> int:
+            return self.socket.send(data)
+
+    try:
+        fd = Descriptor()
+        if _unsent(fd) != 0:
+            return False
+        fd.write(b"abc")
+        if fd._tempDataLen != 3 or _unsent(fd) != 3:
+            return False
+        fd.doWrite()  # the queue moves to dataBuffer; the send takes b"a"
+        return fd.socket.sent == [b"a"] and fd.offset == 1 and fd.dataBuffer == b"abc" and _unsent(fd) == 2
+    except Exception:
+        return False
+
+
+#: ``FileDescriptor`` has ``dataBuffer``/``offset``/``_tempDataLen`` as
+#: :func:`unsent_bytes` and :func:`write_through` read them (tested at import).
+HAS_WRITE_BUFFER = _probe_write_buffer()
+if not HAS_WRITE_BUFFER:
+    _warn_fallback("FileDescriptor's write buffer", "unsent bytes count as 0 and players get transport.write")
+
+
+def unsent_bytes(transport: Any) -> int:
+    """
+    Bytes still queued in Twisted's own write buffer for ``transport``.
+
+    Anything that is not a ``FileDescriptor`` counts as drained (0), and so
+    does everything when ``HAS_WRITE_BUFFER`` is false: "nothing known to be
+    queued".
+    """
+    if not HAS_WRITE_BUFFER:
+        return 0
+    return _unsent(transport)
+
+
+# --- write-through ------------------------------------------------------------
+
+
+class _NoFastPath:
+    """No instance exists: ``type(transport) is _NoFastPath`` is never true."""
+
+
+#: the transport type :func:`write_through` sends to directly: ``tcp.Server``
+#: once the feature test has passed, ``_NoFastPath`` once it has failed, None
+#: until it has run (on the first call or the first read of HAS_WRITE_THROUGH)
+_fast_path_type: Optional[type] = None
+
+
+def write_through(transport: Any, data: bytes) -> None:
+    """
+    ``transport.write(data)``, but sent at once when nothing is queued.
+
+    Twisted's TCP transport always queues a write and sends it on the next
+    reactor round, turning write interest on and then off again around every
+    write. A player that keeps up has an empty queue nearly always, so this sends
+    straight away with the transport's own ``writeSomeData`` and queues only
+    what the socket did not take. Anything but a plain ``tcp.Server`` with an
+    empty queue (TLS, a transport closing, a queue not yet drained, a Twisted
+    that failed the feature test) takes the ordinary ``write``, so order and
+    flow control are Twisted's own.
+    """
+    fast = _fast_path_type
+    if fast is None:
+        fast = _write_through_type()
+    if (
+        type(transport) is fast
+        and not getattr(transport, "TLS", False)
+        and transport.connected
+        and not transport.disconnecting
+        and not getattr(transport, "_writeDisconnected", True)
+        and getattr(transport, "_tempDataLen", None) == 0
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            if sent == len(data):
+                return
+            data = data[sent:]
+    transport.write(data)
+
+
+def _write_through_type() -> type:
+    global _fast_path_type
+    if _fast_path_type is None:
+        fast = _probe_write_through()
+        if fast is _NoFastPath:
+            _warn_fallback("tcp.Server's write path", "players get transport.write (no write-through)")
+        _fast_path_type = fast
+    return _fast_path_type
+
+
+def _probe_write_through() -> type:
+    """
+    ``tcp.Server`` if :func:`write_through` itself, run on real ``tcp.Server``
+    instances over stand-in sockets, sends to the socket when nothing is
+    queued, queues behind what is, and queues what the socket did not take;
+    ``_NoFastPath`` otherwise.
+    """
+    global _fast_path_type
+    if not HAS_WRITE_BUFFER:
+        return _NoFastPath
+    try:
+        from twisted.internet import tcp
+
+        def server(send_limit: int) -> tuple[Any, _StandInSocket, _StandInReactor]:
+            sock, reactor = _StandInSocket(send_limit), _StandInReactor()
+            return tcp.Server(sock, Protocol(), ("127.0.0.1", 1), None, 1, reactor), sock, reactor  # type: ignore[arg-type]
+
+        _fast_path_type = tcp.Server  # tentatively, for the calls below
+        idle, sock, reactor = server(send_limit=1 << 30)
+        write_through(idle, b"piece")
+        if sock.sent != [b"piece"] or _unsent(idle) != 0 or reactor.writers:
+            return _NoFastPath
+        busy, sock, reactor = server(send_limit=1 << 30)
+        busy.write(b"queued")
+        write_through(busy, b"piece")
+        if sock.sent or _unsent(busy) != len(b"queuedpiece"):
+            return _NoFastPath
+        short, sock, reactor = server(send_limit=2)
+        write_through(short, b"piece")
+        if sock.sent != [b"pi"] or _unsent(short) != len(b"ece") or not reactor.writers:
+            return _NoFastPath
+        return tcp.Server
+    except Exception:
+        return _NoFastPath
+    finally:
+        _fast_path_type = None
+
+
+# --- the engine connection pool ---------------------------------------------
+
+#: what :func:`quiet_pool` may set: HTTPConnectionPool's public ivars
+POOL_SETTINGS = frozenset({"maxPersistentPerHost", "cachedConnectionTimeout", "retryAutomatically"})
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_factory_type() -> type:
+    from twisted.web.client import HTTP11ClientProtocol, _HTTP11ClientFactory
+
+    class ClientProtocol(HTTP11ClientProtocol):
+        def __init__(self, quiescentCallback: Callable[[Any], None], read_size: Optional[int]) -> None:
+            super().__init__(quiescentCallback)
+            self._acexy_read_size = read_size
+
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            if self._acexy_read_size is not None:
+                # ``bufferSize``: what the TCP transport's doRead asks recv() for.
+                self.transport.bufferSize = self._acexy_read_size
+
+    class QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+        # Every engine connection would log "Starting factory" (STYLE.md pitfall 14).
+        noisy = False
+
+        def __init__(self, quiescentCallback: Any, metadata: Any, read_size: Optional[int] = None) -> None:
+            super().__init__(quiescentCallback, metadata)
+            self._acexy_read_size = read_size
+
+        def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+            return ClientProtocol(self._quiescentCallback, self._acexy_read_size)
+
+    return QuietClientFactory
+
+
+def _probe_quiet_pool() -> bool:
+    """Whether HTTPConnectionPool builds its connections' factory as :func:`quiet_pool` expects."""
+    try:
+        from twisted.web import client
+
+        base = client._HTTP11ClientFactory
+        if not isinstance(base, type) or client.HTTPConnectionPool._factory is not base:
+            return False
+        factories: list[Any] = []
+
+        class Endpoint:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                factories.append(factory)
+                return Deferred()  # never fires: nothing is connected
+
+        client.HTTPConnectionPool(_StandInReactor(), persistent=True).getConnection("probe", Endpoint())
+        if len(factories) != 1 or type(factories[0]) is not base:
+            return False
+        callback = factories[0]._quiescentCallback
+        if not callable(callback):
+            return False
+        protocol = _quiet_factory_type()(callback, "probe", read_size=None).buildProtocol(None)
+        return isinstance(protocol, client.HTTP11ClientProtocol)
+    except Exception:
+        return False
+
+
+def _probe_read_size() -> bool:
+    """Whether a TCP connection asks ``recv`` for its ``bufferSize``."""
+    try:
+        from twisted.internet import tcp
+
+        sock = _StandInSocket()
+        connection = tcp.Connection(sock, Protocol(), _StandInReactor())  # type: ignore[arg-type]
+        connection.bufferSize = 12345
+        connection.doRead()
+        return sock.recv_sizes == [12345]
+    except Exception:
+        return False
+
+
+def quiet_pool(reactor: Any, *, read_size: int, persistent: bool = True, **pool_settings: Any) -> HTTPConnectionPool:
+    """
+    An ``HTTPConnectionPool`` whose connections are not ``noisy`` and ask
+    ``recv`` for ``read_size`` bytes at a time.
+
+    ``pool_settings`` are HTTPConnectionPool's public ivars
+    (:data:`POOL_SETTINGS`: ``maxPersistentPerHost``,
+    ``cachedConnectionTimeout``, ``retryAutomatically``), set on the pool in
+    either case; anything else is a TypeError. Without ``HAS_QUIET_POOL`` the
+    pool is a plain one with those settings.
+    """
+    from twisted.web.client import HTTPConnectionPool
+
+    unknown = sorted(set(pool_settings) - POOL_SETTINGS)
+    if unknown:
+        raise TypeError(f"quiet_pool(): not a public HTTPConnectionPool setting: {', '.join(unknown)}")
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    for name, value in pool_settings.items():
+        setattr(pool, name, value)
+    if not _probe_quiet_pool():
+        _warn_fallback("HTTPConnectionPool's factory", "engine connections use Twisted's own (noisy, 64 KiB reads)")
+        return pool
+    sized = _probe_read_size()
+    if not sized:
+        _warn_fallback("tcp.Connection's bufferSize", "engine connections read Twisted's 64 KiB")
+    pool._factory = functools.partial(_quiet_factory_type(), read_size=read_size if sized else None)
+    return pool
+
+
+# --- pyOpenSSL ------------------------------------------------------------------
+
+#: the Twisted modules that load pyOpenSSL when it is installed; each must
+#: import without it for :func:`leave_tls_unloaded` to keep it out
+TLS_LOADING_MODULES = ("twisted.internet.tcp", "twisted.web.client")
+
+
+def leave_tls_unloaded() -> bool:
+    """
+    Keep pyOpenSSL, and the cryptography package under it, out of a process
+    that will never speak TLS: 12 MiB of the 57 MiB idle process.
+
+    Twisted's TCP module imports pyOpenSSL whenever it is installed (for
+    ``startTLS``), the moment the reactor is imported, whether or not anything
+    uses it. Marked missing in ``sys.modules`` before that import, it is not
+    loaded, and Twisted builds its TCP transports without ``startTLS``, just
+    as where pyOpenSSL is not installed. Only done before anything has loaded
+    pyOpenSSL or Twisted's TCP module; the modules that would load it
+    (:data:`TLS_LOADING_MODULES`) are imported here, and if one of them
+    fails without pyOpenSSL the mark is taken back. Returns whether
+    pyOpenSSL was left unloaded.
+    """
+    if "OpenSSL" in sys.modules or "twisted.internet.tcp" in sys.modules:
+        return False
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]
+    try:
+        for name in TLS_LOADING_MODULES:
+            importlib.import_module(name)
+    except ImportError:
+        if sys.modules.get("OpenSSL", False) is None:
+            del sys.modules["OpenSSL"]
+        _warn_fallback("importing without pyOpenSSL", "pyOpenSSL loads as usual")
+        return False
+    return True
+
+
+# --- flags computed on read -----------------------------------------------------
+
+_FLAGS_ON_READ: dict[str, Callable[[], bool]] = {
+    "HAS_WRITE_THROUGH": lambda: _write_through_type() is not _NoFastPath,
+    "HAS_QUIET_POOL": _probe_quiet_pool,
+    "HAS_READ_SIZE": _probe_read_size,
+}
+
+
+def __getattr__(name: str) -> bool:
+    """``HAS_WRITE_THROUGH``, ``HAS_QUIET_POOL``, ``HAS_READ_SIZE``: probed when read, see the module docstring."""
+    probe = _FLAGS_ON_READ.get(name)
+    if probe is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return probe()
