@@ -66,12 +66,12 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    from acexy_tw.service import AcexyService
+    from acexy_tw.service import make_service
 
     config = options.config
     if config is None:  # options built without parseOptions (tests)
         config = load_config(os.environ, options, demo=bool(options.get("demo")))
     try:
-        return AcexyService(config, reactor)
+        return make_service(config, reactor)
     except ConfigError as e:
         raise ConfigExit(e) from None

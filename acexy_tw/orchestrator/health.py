@@ -61,7 +61,6 @@ class HealthMonitor(Service):
         interval: float,
         outage_interval: float,
         timeout: float,
-        on_change: Optional[Callable[["HealthMonitor"], None]] = None,
     ) -> None:
         self._fetch = fetch
         self._clock = clock
@@ -73,7 +72,7 @@ class HealthMonitor(Service):
         self.reachable: Optional[bool] = None  # None: not polled yet
         self.last_error: Optional[str] = None
         self.polls = 0
-        self._on_change = on_change
+        self._listeners: list[Callable[[], None]] = []
         self._next: Optional[IDelayedCall] = None
         #: a wait-class refusal the status did not show yet: (code, ETA, message, when, status signature then)
         self.refusal: Optional[tuple[str, Optional[int], str, float, dict]] = None
@@ -83,6 +82,10 @@ class HealthMonitor(Service):
         self._inflight: Optional[Deferred] = None
         self._waiters: list[Deferred] = []
         self._logged: dict[str, Any] = {}
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every poll (the waiting sessions are re-evaluated)."""
+        self._listeners.append(listener)
 
     # -- reading -------------------------------------------------------------------
 
@@ -179,6 +182,38 @@ class HealthMonitor(Service):
                 out.append(f"provisioning blocked ({code}): players may be held or refused")
         return out
 
+    def describe(self) -> dict[str, Any]:
+        """The orchestrator as the proxy sees it (the status page and metrics read this)."""
+        age = self.age()
+        doc: dict[str, Any] = {
+            "reachable": self.reachable,
+            "last_error": self.last_error,
+            "snapshot_age": None if age is None else round(age, 1),
+            "poll_interval": self.current_interval,
+            "polls": self.polls,
+            "warnings": self.warnings(),
+            "auth_ok": self.auth_error is None,
+            "auth_failures": self.auth_failures,
+            "refusal": None if self.refusal is None else self.refusal[0],
+        }
+        snap = self.snapshot
+        if snap is not None:
+            doc.update(
+                status=snap.status,
+                can_provision=snap.can_provision,
+                blocked_code=self.blocked_code,
+                blocked_eta=self.blocked_eta,
+                circuit_breaker=snap.breaker_state,
+                vpn={"enabled": snap.vpn_enabled, "connected": snap.vpn_connected, "down": snap.vpn_down},
+                capacity={
+                    "total": snap.capacity_total,
+                    "used": snap.capacity_used,
+                    "available": snap.capacity_available,
+                    "max_replicas": snap.max_replicas,
+                },
+            )
+        return doc
+
     def fresh(self, max_age: float) -> Deferred:
         """A snapshot no older than ``max_age`` (polls now if needed; a fresh
         Deferred per caller). Fires with None when the orchestrator is unreachable."""
@@ -269,9 +304,9 @@ class HealthMonitor(Service):
         result = self.snapshot if self.reachable else None
         for d in waiters:
             d.callback(result)
-        if self._on_change is not None:
+        for listener in list(self._listeners):
             try:
-                self._on_change(self)
+                listener()
             except Exception:
                 log.failure("health listener failed")
 

@@ -44,12 +44,18 @@ class SimEngineService(Service):
     def port_number(self) -> int:
         return self.engine.port
 
-    def startService(self) -> None:
-        super().startService()
-        self.engine.listen(0, "127.0.0.1")  # synchronous: the port is known on return
+    def listen(self, config: Any) -> Any:
+        """Listen now (127.0.0.1, free ports; synchronous) and return ``config``
+        pointing at the simulators, so the proxy is built for them."""
+        from dataclasses import replace
+
+        self.engine.listen(0, "127.0.0.1")
+        config = replace(config, engine_host="127.0.0.1", engine_port=self.engine.port, engine_scheme="http")
         if self.orchestrator is not None:
             self.orchestrator.listen(0, "127.0.0.1")
             self.orchestrator.add_engine()
+            config = replace(config, orch_url=self.orchestrator.url, orch_apikey=self.api_key)
+        return config
 
     def stopService(self) -> Deferred:
         super().stopService()

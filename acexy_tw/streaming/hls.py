@@ -248,6 +248,21 @@ class HlsSessions:
         if self._on_closed is not None:
             self._on_closed(session, reason)
 
+    def describe(self) -> list[dict[str, Any]]:
+        now = self._clock.seconds()
+        return [
+            {
+                "key": str(h.key),
+                "state": h.state,
+                "engine": h.engine.address.url if h.engine else None,
+                "polls": h.polls,
+                "segments": h.segments_served,
+                "bytes_out": h.bytes_out,
+                "last_poll": round(now - h.last_poll, 1),
+            }
+            for h in self._by_key.values()
+        ]
+
     def shutdown(self) -> None:
         self.accepting = False
         for session in list(self._by_key.values()):

@@ -11,7 +11,7 @@ getstream call however many players arrive at once (STYLE.md pitfalls 10, 11).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterator, Optional
+from typing import Any, Iterator, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -19,10 +19,9 @@ from acexy_tw.logs import get_logger
 
 from acexy_tw.content import ContentKey
 from acexy_tw.engine import NoEngine
-from acexy_tw.retry import RetryPolicy
-from acexy_tw.streaming.session import EngineSession, PlacementLike, ShuttingDown
+from acexy_tw.streaming.session import EngineSession, SessionSettings, ShuttingDown
 from acexy_tw.streaming.sink import ClientSink
-from acexy_tw.streaming.waiting import WaitQueue
+from acexy_tw.streaming.waiting import HealthLike, WaitQueue, WaitSettings
 
 log = get_logger(__name__)
 
@@ -38,31 +37,40 @@ class QueueFull(NoEngine):
         )
 
 
+class EventsLike(TypingProtocol):
+    """Who hears of engine sessions (the orchestrator's :class:`EventReporter`)."""
+
+    def started(self, session: Any) -> None: ...
+
+    def ended(self, session: Any, reason: str) -> None: ...
+
+
 class SessionRegistry:
+    """
+    One session per key, built with everything it needs: the placement, the
+    clock, the sessions' settings, the wait queue's settings (the registry owns
+    its :class:`WaitQueue`, which pre-warms through it) and, when there is an
+    orchestrator, the health view (every poll re-evaluates the waiting
+    sessions) and the event reporter.
+    """
+
     def __init__(
         self,
-        placement: PlacementLike,
+        placement: Any,
         clock: IReactorTime,
+        settings: SessionSettings,
         *,
-        empty_timeout: float,
-        linger: float,
-        on_session_closed: Optional[Callable[[EngineSession, str], None]] = None,
-        on_session_streaming: Optional[Callable[[EngineSession], None]] = None,
-        on_engine_lost: Optional[Callable[[EngineSession, str], None]] = None,
-        waits: Optional[WaitQueue] = None,
-        failover: RetryPolicy = RetryPolicy(0),
-        failover_reset: float = 30.0,
+        waits: WaitSettings,
+        health: Optional[HealthLike] = None,
+        events: Optional[EventsLike] = None,
     ) -> None:
         self._placement = placement
-        self.waits = waits
-        self._on_engine_lost = on_engine_lost
-        self._failover = failover
-        self._failover_reset = failover_reset
         self._clock = clock
-        self._empty_timeout = empty_timeout
-        self._linger = linger
-        self._on_session_closed = on_session_closed
-        self._on_session_streaming = on_session_streaming
+        self._settings = settings
+        self._events = events
+        self.waits = WaitQueue(clock, waits, prewarm=self.prewarm)
+        if health is not None:
+            health.subscribe(self.waits.kick)  # capacity may be back
         self._sessions: dict[ContentKey, EngineSession] = {}
         self._stops: set[Deferred] = set()
         self.sessions_started = 0
@@ -95,7 +103,7 @@ class SessionRegistry:
         if not self.accepting:
             raise ShuttingDown("proxy is shutting down")
         session = self._sessions.get(key)
-        if session is not None and session.state == EngineSession.WAITING and self.waits is not None:
+        if session is not None and session.state == EngineSession.WAITING:
             if not self.waits.has_room():
                 raise QueueFull(session.hold_error)
         if session is None:
@@ -122,14 +130,11 @@ class SessionRegistry:
             key,
             self._placement,
             self._clock,
-            empty_timeout=self._empty_timeout,
-            linger=self._linger,
-            on_closed=self._closed,
-            on_streaming=self._on_session_streaming,
-            on_engine_lost=self._on_engine_lost,
+            self._settings,
             waits=self.waits,
-            failover=self._failover,
-            failover_reset=self._failover_reset,
+            on_closed=self._closed,
+            on_streaming=self._events.started if self._events is not None else None,
+            on_engine_lost=self._engine_lost,
         )
         self._sessions[key] = session
         self.sessions_started += 1
@@ -150,8 +155,30 @@ class SessionRegistry:
             reason=reason,
             n=len(self._sessions),
         )
-        if self._on_session_closed is not None:
-            self._on_session_closed(session, reason)
+        self._placement.release(session.key)
+        if self._events is not None:
+            self._events.ended(session, reason)
+        if session.streaming_since is not None:
+            self.waits.kick()  # it held an engine: a slot may have freed for a held player
+
+    def _engine_lost(self, session: EngineSession, reason: str) -> None:
+        """Failover: the old engine session is over (reported); a new one follows."""
+        self.stopped[reason] += 1
+        if self._events is not None:
+            self._events.ended(session, reason)
+
+    def describe(self) -> dict[str, Any]:
+        """Counts for the status page and metrics (no session objects)."""
+        sessions = list(self._sessions.values())
+        held = self.waits.describe()
+        return {
+            "open": len(sessions),
+            "started": self.sessions_started,
+            "stopped": dict(self.stopped),
+            "clients": sum(len(s.sinks) for s in sessions),
+            "bytes_out": self.bytes_out_closed + sum(s.bytes_out for s in sessions),
+            "held": {"players": held["players"], "queued": len(self.waits.held), "queue_size": held["queue_size"]},
+        }
 
     def shutdown(self) -> Deferred:
         """Close every session (stop commands sent, connections closed); fires

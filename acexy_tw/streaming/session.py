@@ -59,7 +59,7 @@ from acexy_tw.streaming.waiting import WAIT_CODES
 
 log = get_logger(__name__)
 
-__all__ = ["EngineSession", "Incident", "PlacementLike", "ShuttingDown", "WaitsLike", "KEEPALIVE", "KEEPALIVE_CHUNK"]
+__all__ = ["EngineSession", "Incident", "SessionSettings", "PlacementLike", "ShuttingDown", "WaitsLike", "KEEPALIVE", "KEEPALIVE_CHUNK"]
 
 #: silence (seconds) that still counts as "data flowing" when an incident's healthy period is checked
 HEALTHY_SILENCE = 5.0
@@ -90,6 +90,20 @@ class WaitsLike(TypingProtocol):
 
 class ShuttingDown(EngineError):
     http_status = 503
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What every engine session of a proxy is configured with."""
+
+    #: the engine sent nothing this long while we were reading: it stalled
+    empty_timeout: float
+    #: the last player left: keep the engine session this long (zap back)
+    linger: float
+    #: new engine sessions within one failover incident, and their spacing
+    failover: RetryPolicy = RetryPolicy(0)
+    #: real data flowing this long ends an incident
+    failover_reset: float = 30.0
 
 
 @dataclass
@@ -123,15 +137,12 @@ class EngineSession:
         key: ContentKey,
         placement: PlacementLike,
         clock: IReactorTime,
+        settings: SessionSettings,
         *,
-        empty_timeout: float,
-        linger: float,
         on_closed: Callable[["EngineSession", str], None],
         on_streaming: Optional[Callable[["EngineSession"], None]] = None,
         on_engine_lost: Optional[Callable[["EngineSession", str], None]] = None,
         waits: Optional[WaitsLike] = None,
-        failover: RetryPolicy = RetryPolicy(0),
-        failover_reset: float = 30.0,
     ) -> None:
         self.key = key
         self.engine: Optional[EngineClient] = None
@@ -154,11 +165,11 @@ class EngineSession:
         self._on_streaming = on_streaming
         self._on_engine_lost = on_engine_lost
         self._waits = waits
-        self._failover = failover
-        self._failover_reset = failover_reset
+        self._failover = settings.failover
+        self._failover_reset = settings.failover_reset
         self._clock = clock
-        self._empty_timeout = empty_timeout
-        self._linger = linger
+        self._empty_timeout = settings.empty_timeout
+        self._linger = settings.linger
         self._on_closed = on_closed
         self._fanout = Fanout()
         self._life = Lifecycle(self._entered)
@@ -171,7 +182,7 @@ class EngineSession:
         self._retry_waiters: list[Deferred] = []
         self._gap_started: Optional[float] = None
         self._last_piece_at = 0.0
-        self._healthy_silence = min(HEALTHY_SILENCE, empty_timeout)
+        self._healthy_silence = min(HEALTHY_SILENCE, settings.empty_timeout)
 
     def __repr__(self) -> str:
         return f"<EngineSession {self.key} {self.state} clients={len(self.sinks)}>"
@@ -210,6 +221,40 @@ class EngineSession:
     def waiting(self) -> bool:
         """Players are being kept alive with null packets."""
         return self._life.keepalive
+
+    def describe(self) -> dict[str, Any]:
+        """This session as the status page shows it."""
+        now = self._clock.seconds()
+        info = self.info
+        return {
+            "key": str(self.key),
+            "state": self.state,
+            "clients": len(self.sinks),
+            "stat_url": info.stat_url if info else None,
+            "playback_session_id": info.playback_session_id if info else None,
+            "engine": self.engine.address.url if self.engine else None,
+            "container_id": getattr(self.engine, "container_id", None),
+            "orchestrator_stream_id": self.stream_id,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "uptime": round(now - self.created_at, 1),
+            "engine_paused": self.upstream_paused,
+            "waiting_reason": self.waiting_reason,
+            "waiting": None if self.waiting_since is None else round(now - self.waiting_since, 1),
+            "failovers": self.failovers,
+            "engine_sessions": self.engine_sessions,
+            "failover_attempts_left": None if self.incident is None else self.incident.budget.remaining,
+            "client_list": [
+                {
+                    "peer": s.peer,
+                    "bytes": s.bytes_sent,
+                    "backlog": s.backlog_bytes,
+                    "paused": s.paused,
+                    "connected": round(now - s.connected_at, 1),
+                }
+                for s in self.sinks
+            ],
+        }
 
     # -- the state machine's entries: what each state runs ---------------------------
 

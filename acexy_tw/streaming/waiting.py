@@ -24,6 +24,7 @@ does not.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -53,24 +54,40 @@ class HeldSession(TypingProtocol):
     def retry(self) -> Deferred: ...
 
 
+class HealthLike(TypingProtocol):
+    """A health view that tells its subscribers after every status poll."""
+
+    def subscribe(self, listener: Callable[[], None]) -> None: ...
+
+
+@dataclass(frozen=True)
+class WaitSettings:
+    #: players held at once
+    size: int
+    #: longest a player is held
+    max_wait: float
+    #: how often held players get null packets
+    keepalive_interval: float
+    #: "hold" or "reject" (breaker/capacity waits)
+    mode: str = "hold"
+    #: seconds a retry is given to settle before the next one is tried
+    settle_window: float = 1.0
+
+
 class WaitQueue:
     def __init__(
         self,
         clock: IReactorTime,
+        settings: WaitSettings,
         *,
-        size: int,
-        max_wait: float,
-        keepalive_interval: float,
-        mode: str = "hold",
         prewarm: Optional[Callable[[ContentKey], "Deferred[bool]"]] = None,
-        settle_window: float = 1.0,
     ) -> None:
-        self.settle_window = settle_window
+        self.settle_window = settings.settle_window
         self._clock = clock
-        self.size = size
-        self.max_wait = max_wait
-        self.keepalive_interval = keepalive_interval
-        self.mode = mode
+        self.size = settings.size
+        self.max_wait = settings.max_wait
+        self.keepalive_interval = settings.keepalive_interval
+        self.mode = settings.mode
         self.prewarm = prewarm
         #: sessions told to wait, in arrival order (served by :meth:`kick`)
         self.held: list[HeldSession] = []

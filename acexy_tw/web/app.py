@@ -19,6 +19,7 @@ from acexy_tw import __version__
 from acexy_tw.content import BadRequest, parse_query
 from acexy_tw.engine import EngineError
 from acexy_tw.logs import get_logger
+from acexy_tw.metrics import Metrics
 from acexy_tw.engine import NoEngine
 from acexy_tw.engine import discard_body
 from acexy_tw.streaming.hls import HlsSessions, SegmentRelay
@@ -69,11 +70,8 @@ class ProxyApp:
         *,
         buffer_size: int,
         stuck_timeout: float,
-        high_water: Optional[int] = None,
-        on_cut: Optional[Callable[[ClientSink, str], None]] = None,
+        metrics: Metrics,
         orchestrator_status: Optional[Callable[[], dict]] = None,
-        waits: Any = None,
-        metrics: Any = None,
         hls: Optional[HlsSessions] = None,
         m3u8: bool = False,
     ) -> None:
@@ -81,24 +79,20 @@ class ProxyApp:
         self._clock = clock
         self._buffer_size = buffer_size
         #: backlog at which a blocked player holds back the engine (see sink.py)
-        self._high_water = min(256 * 1024, buffer_size // 4) if high_water is None else high_water
+        self._high_water = min(256 * 1024, buffer_size // 4)
         self._stuck_timeout = stuck_timeout
-        self._on_cut_hook = on_cut
         self._orchestrator_status = orchestrator_status
-        self._waits = waits
         self.metrics = metrics
         self.hls = hls
         self.m3u8 = m3u8
         self.started_at = clock.seconds()
-        self.clients_cut = 0
 
     def resource(self) -> Any:
         return self.app.resource()
 
-    def _on_cut(self, sink: ClientSink, reason: str) -> None:
-        self.clients_cut += 1
-        if self._on_cut_hook is not None:
-            self._on_cut_hook(sink, reason)
+    @property
+    def clients_cut(self) -> int:
+        return self.metrics.clients_cut
 
     # -- /ace/getstream ---------------------------------------------------------
 
@@ -126,8 +120,8 @@ class ProxyApp:
             stuck_timeout=self._stuck_timeout,
             peer=_peer(request),
             high_water=self._high_water,
-            on_cut=self._on_cut,
-            on_first_byte=self.metrics.first_byte if self.metrics is not None else None,
+            on_cut=self.metrics.client_cut,
+            on_first_byte=self.metrics.first_byte,
         )
         try:
             self.registry.join(key, sink)
@@ -203,37 +197,24 @@ class ProxyApp:
                 "clients": sum(len(s.sinks) for s in sessions),
                 "version": __version__.public(),
                 "uptime": round(self._clock.seconds() - self.started_at, 1),
-                "clients_cut": self.clients_cut,
+                "clients_cut": self.metrics.clients_cut,
             }
             if self._orchestrator_status is not None:
                 doc["orchestrator"] = self._orchestrator_status()
-            if self._waits is not None:
-                doc["held"] = self._waits.describe()
-            doc["sessions"] = [self._describe(s) for s in sessions]
+            doc["held"] = self.registry.waits.describe()
+            doc["sessions"] = [s.describe() for s in sessions]
             if self.hls is not None:
-                now = self._clock.seconds()
-                doc["hls"] = [
-                    {
-                        "key": str(h.key),
-                        "state": h.state,
-                        "engine": h.engine.address.url if h.engine else None,
-                        "polls": h.polls,
-                        "segments": h.segments_served,
-                        "bytes_out": h.bytes_out,
-                        "last_poll": round(now - h.last_poll, 1),
-                    }
-                    for h in self.hls
-                ]
+                doc["hls"] = self.hls.describe()
             return _json(request, doc)
         wanted = ids[0].decode("utf-8", "replace")
         sessions = self.registry.find(wanted)
         if not sessions:
             return _text(request, 404, "Stream not found")
-        doc = self._describe(sessions[0])
+        doc = sessions[0].describe()
         doc["stream_id"] = wanted
         doc["clients"] = sum(len(s.sinks) for s in sessions)
         if len(sessions) > 1:
-            doc["variants"] = [self._describe(s) for s in sessions]
+            doc["variants"] = [s.describe() for s in sessions]
         return _json(request, doc)
 
     # -- the dashboard -----------------------------------------------------------------
@@ -260,39 +241,6 @@ class ProxyApp:
 
     @app.route("/metrics", methods=["GET"], endpoint="metrics")
     def metrics_page(self, request: Any) -> bytes:
-        if self.metrics is None:
-            return _text(request, 404, "metrics are not enabled")
         body, content_type = self.metrics.render()
         request.setHeader(b"content-type", content_type.encode("ascii"))
         return body
-
-    def _describe(self, session: EngineSession) -> dict:
-        now = self._clock.seconds()
-        info = session.info
-        return {
-            "key": str(session.key),
-            "state": session.state,
-            "clients": len(session.sinks),
-            "stat_url": info.stat_url if info else None,
-            "playback_session_id": info.playback_session_id if info else None,
-            "engine": session.engine.address.url if session.engine else None,
-            "container_id": getattr(session.engine, "container_id", None),
-            "orchestrator_stream_id": session.stream_id,
-            "bytes_in": session.bytes_in,
-            "bytes_out": session.bytes_out,
-            "uptime": round(now - session.created_at, 1),
-            "engine_paused": session.upstream_paused,
-            "waiting_reason": session.waiting_reason,
-            "waiting": None if session.waiting_since is None else round(now - session.waiting_since, 1),
-            "failovers": session.failovers,
-            "client_list": [
-                {
-                    "peer": s.peer,
-                    "bytes": s.bytes_sent,
-                    "backlog": s.backlog_bytes,
-                    "paused": s.paused,
-                    "connected": round(now - s.connected_at, 1),
-                }
-                for s in session.sinks
-            ],
-        }
