@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from acexy_tw.content import ContentKey
 from acexy_tw.engine import EngineAddress, EngineClient, EngineError, EngineTimeout, PlaybackInfo
+from acexy_tw.testing import ScriptedResource, answer
 
 CID = "c" * 40
 
 
-class Scripted(Resource):
-    """Every request goes to ``handler(request) -> bytes | NOT_DONE_YET``."""
-
-    isLeaf = True
-
-    def __init__(self, handler: Callable[[Any], Any]) -> None:
-        super().__init__()
-        self.handler = handler
-        self.seen: list[Any] = []
-
-    def render(self, request: Any) -> Any:
-        self.seen.append((request.path, {k.decode(): [x.decode() for x in v] for k, v in request.args.items()}))
-        return self.handler(request)
-
-
-def start_answer(host: str = "127.0.0.1:6878") -> bytes:
+def start_answer(host: str = "127.0.0.1:6878") -> Callable[[Any], bytes]:
+    """The engine's getstream?format=json answer, its URLs on ``host``."""
     base = f"http://{host}"
-    return json.dumps(
+    return answer(
+        200,
         {
             "response": {
                 "playback_url": f"{base}/ace/r/{'1' * 40}/tok",
@@ -47,13 +33,13 @@ def start_answer(host: str = "127.0.0.1:6878") -> bytes:
                 "client_session_id": -1,
             },
             "error": None,
-        }
-    ).encode()
+        },
+    )
 
 
 class EngineClientTests(SynchronousTestCase):
-    def make(self, handler: Callable[[Any], Any], **kw: Any) -> tuple[EngineClient, StubTreq, Scripted, Clock]:
-        resource = Scripted(handler)
+    def make(self, handler: Callable[[Any], Any], **kw: Any) -> tuple[EngineClient, StubTreq, ScriptedResource, Clock]:
+        resource = ScriptedResource(handler)
         stub = StubTreq(resource)
         clock = Clock()
         client = EngineClient(
@@ -62,15 +48,17 @@ class EngineClientTests(SynchronousTestCase):
         return client, stub, resource, clock
 
     def test_start_sends_format_json_a_fresh_pid_and_the_key(self) -> None:
-        client, stub, res, _ = self.make(lambda r: start_answer())
+        client, stub, res, _ = self.make(start_answer())
         key = ContentKey("content_id", CID, (("transcode_audio", "1"),))
         d1 = client.start(key)
         d2 = client.start(key)
         stub.flush()
         info = self.successResultOf(d1)
         self.successResultOf(d2)
-        (path1, q1), (_, q2) = res.seen
-        self.assertEqual(path1, b"/ace/getstream")
+        first, second = res.seen
+        q1, q2 = first["args"], second["args"]
+        self.assertEqual((first["method"], first["path"]), ("GET", "/ace/getstream"))
+        self.assertEqual(second["path"], "/ace/getstream")
         self.assertEqual(q1["format"], ["json"])
         self.assertEqual(q1["content_id"], [CID])
         self.assertEqual(q1["transcode_audio"], ["1"])
@@ -79,7 +67,7 @@ class EngineClientTests(SynchronousTestCase):
         self.assertEqual(info.is_live, 1)
 
     def test_engine_urls_are_rewritten_to_the_address_we_used(self) -> None:
-        client, stub, _, _ = self.make(lambda r: start_answer("172.17.0.5:6878"))
+        client, stub, _, _ = self.make(start_answer("172.17.0.5:6878"))
         d = client.start(ContentKey("content_id", CID))
         stub.flush()
         info = self.successResultOf(d)
@@ -88,9 +76,7 @@ class EngineClientTests(SynchronousTestCase):
         self.assertTrue(info.playback_url.endswith("/ace/r/" + "1" * 40 + "/tok"))
 
     def test_json_error_becomes_engine_error_with_its_text(self) -> None:
-        client, stub, _, _ = self.make(
-            lambda r: json.dumps({"response": None, "error": "failed to load content"}).encode()
-        )
+        client, stub, _, _ = self.make(answer(200, {"response": None, "error": "failed to load content"}))
         d = client.start(ContentKey("content_id", CID))
         stub.flush()
         f = self.failureResultOf(d, EngineError)
@@ -98,11 +84,7 @@ class EngineClientTests(SynchronousTestCase):
         self.assertNotIsInstance(f.value, EngineTimeout)
 
     def test_plain_text_500_is_an_engine_error(self) -> None:
-        def handler(r: Any) -> bytes:
-            r.setResponseCode(500)
-            return b"Internal Server Error"
-
-        client, stub, _, _ = self.make(handler)
+        client, stub, _, _ = self.make(answer(500, raw=b"Internal Server Error"))
         d = client.start(ContentKey("content_id", CID))
         stub.flush()
         f = self.failureResultOf(d, EngineError)
@@ -118,30 +100,26 @@ class EngineClientTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_playback_error_page_is_not_video(self) -> None:
-        def handler(r: Any) -> bytes:
-            r.setResponseCode(500)
-            return b"<html>engine exploded</html>"
-
-        client, stub, _, _ = self.make(handler)
+        client, stub, _, _ = self.make(answer(500, raw=b"<html>engine exploded</html>"))
         d = client.open_playback(_info())
         stub.flush()
         f = self.failureResultOf(d, EngineError)
         self.assertIn("500", str(f.value))
 
     def test_playback_200_returns_the_unread_response(self) -> None:
-        client, stub, _, _ = self.make(lambda r: b"\x47" * 188)
+        client, stub, _, _ = self.make(answer(200, raw=b"\x47" * 188))
         d = client.open_playback(_info())
         stub.flush()
         self.assertEqual(self.successResultOf(d).code, 200)
 
     def test_stop_sends_method_stop_to_the_command_url(self) -> None:
-        client, stub, res, _ = self.make(lambda r: b'{"response": "ok", "error": null}')
+        client, stub, res, _ = self.make(answer(200, {"response": "ok", "error": None}))
         d = client.stop(_info())
         stub.flush()
         self.successResultOf(d)
-        path, query = res.seen[0]
-        self.assertEqual(path, b"/ace/cmd/x/tok")
-        self.assertEqual(query["method"], ["stop"])
+        [seen] = res.seen
+        self.assertEqual(seen["path"], "/ace/cmd/x/tok")
+        self.assertEqual(seen["args"]["method"], ["stop"])
 
     def test_stop_is_bounded(self) -> None:
         client, stub, _, clock = self.make(lambda r: NOT_DONE_YET)
@@ -151,16 +129,14 @@ class EngineClientTests(SynchronousTestCase):
         self.failureResultOf(d, EngineTimeout)
 
     def test_oversized_answer_is_refused(self) -> None:
-        client, stub, _, _ = self.make(lambda r: b"x" * (300 * 1024))
+        client, stub, _, _ = self.make(answer(200, raw=b"x" * (300 * 1024)))
         d = client.start(ContentKey("content_id", CID))
         stub.flush()
         self.failureResultOf(d, EngineError)
 
     def test_unusable_url_in_answer(self) -> None:
-        bad = json.dumps(
-            {"response": {"playback_url": "/relative", "stat_url": "x", "command_url": "y"}, "error": None}
-        ).encode()
-        client, stub, _, _ = self.make(lambda r: bad)
+        bad = {"response": {"playback_url": "/relative", "stat_url": "x", "command_url": "y"}, "error": None}
+        client, stub, _, _ = self.make(answer(200, bad))
         d = client.start(ContentKey("content_id", CID))
         stub.flush()
         self.failureResultOf(d, EngineError)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -14,26 +14,7 @@ from acexy_tw.engine import EngineAddress, PlaybackInfo
 from acexy_tw.orchestrator.client import OrchestratorError, OrchestratorUnavailable
 from acexy_tw.orchestrator.events import EventReporter
 from acexy_tw.retry import RetryPolicy
-
-
-class FakeOrch:
-    def __init__(self) -> None:
-        self.started: list[dict] = []
-        self.ended: list[tuple[str, str, str]] = []
-        self.failures: list[Exception] = []  # consumed one per call
-
-    def _answer(self) -> Deferred:
-        if self.failures:
-            return fail(self.failures.pop(0))
-        return succeed(None)
-
-    def stream_started(self, event: dict) -> Deferred:
-        self.started.append(event)
-        return self._answer()
-
-    def stream_ended(self, container_id: str, stream_id: str, reason: str) -> Deferred:
-        self.ended.append((container_id, stream_id, reason))
-        return self._answer()
+from acexy_tw.testing import ScriptedOrchestrator
 
 
 def session(container_id: Any = "c" * 64, n: int = 1) -> SimpleNamespace:
@@ -46,7 +27,7 @@ def session(container_id: Any = "c" * 64, n: int = 1) -> SimpleNamespace:
 class EventReporterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.orch = FakeOrch()
+        self.orch = ScriptedOrchestrator(self.clock)
         self.events = EventReporter(self.orch, self.clock, retry=RetryPolicy(3, initial=1.0, jitter=lambda: 0))
 
     def test_started_then_ended_with_the_exact_stream_id(self) -> None:
@@ -72,7 +53,7 @@ class EventReporterTests(SynchronousTestCase):
         self.assertEqual((self.orch.started, self.orch.ended), ([], []))
 
     def test_a_transient_failure_is_retried_a_bounded_number_of_times(self) -> None:
-        self.orch.failures = [OrchestratorUnavailable("refused")] * 5
+        self.orch.event_failures = [OrchestratorUnavailable("refused")] * 5
         self.events.started(session())
         self.assertEqual(len(self.orch.started), 1)
         self.clock.advance(1)
@@ -86,13 +67,13 @@ class EventReporterTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_transient_failure_then_success(self) -> None:
-        self.orch.failures = [OrchestratorUnavailable("timeout")]
+        self.orch.event_failures = [OrchestratorUnavailable("timeout")]
         self.events.started(session())
         self.clock.advance(1)
         self.assertEqual(self.events.sent["started"], 1)
 
     def test_a_rejection_is_not_retried(self) -> None:
-        self.orch.failures = [OrchestratorError("422: stat_url must be absolute")]
+        self.orch.event_failures = [OrchestratorError("422: stat_url must be absolute")]
         self.events.started(session())
         self.clock.advance(100)
         self.assertEqual(len(self.orch.started), 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -11,20 +10,11 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from acexy_tw.orchestrator.health import HealthMonitor
+from acexy_tw.testing import orchestrator_status
 
-
-@dataclass(frozen=True)
-class Snap:
-    status: str = "healthy"
-    vpn_down: bool = False
-    breaker_state: Optional[str] = "closed"
-    can_provision: bool = True
-    blocked: Any = None
-
-
-HEALTHY = Snap()
-VPN_DOWN = Snap(status="degraded", vpn_down=True, can_provision=False)
-UNAVAILABLE = Snap(status="unavailable", can_provision=True)
+HEALTHY = orchestrator_status()
+VPN_DOWN = orchestrator_status(can_provision=False, vpn_down=True)
+UNAVAILABLE = orchestrator_status(status="unavailable")
 
 
 class Script:

@@ -2,7 +2,8 @@
 The engine session's lifecycle (acexy_tw.streaming.lifecycle), deterministic:
 
 - the bare Automat machine: every legal transition and every illegal input;
-- each transition through EngineSession on the in-memory Proxy (fakes.py):
+- each transition through EngineSession on the production wiring in memory
+  (acexy_tw.testing.InMemoryProxy):
   what the players get and which timers run in each state;
 - the failover budget of an incident under the clock: how many engine
   sessions a persistently failing engine costs, when, and when an incident
@@ -11,14 +12,14 @@ The engine session's lifecycle (acexy_tw.streaming.lifecycle), deterministic:
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SynchronousTestCase
 
 from acexy_tw.content import ContentKey
-from acexy_tw.engine import EngineError, PlaybackInfo
+from acexy_tw.engine import EngineError
 from acexy_tw.streaming.lifecycle import (
     CLOSED,
     KEEPALIVE_STATES,
@@ -32,10 +33,20 @@ from acexy_tw.streaming.lifecycle import (
     LifecycleInputs,
     NoTransition,
 )
-from acexy_tw.streaming.mpegts import NULL_PACKET, PACKET_SIZE
+from acexy_tw.streaming.mpegts import PACKET_SIZE
 from acexy_tw.streaming.session import KEEPALIVE, EngineSession
-from tests.unit.fakes import CID, CID2, Proxy, ScriptedEngine, our_delayed_calls, ts
-from tests.unit.test_outages import vpn_down
+from acexy_tw.testing import (
+    CID,
+    CID2,
+    InMemoryProxy,
+    ScriptedEngine,
+    key,
+    only_nulls,
+    orchestrator_status,
+    our_delayed_calls,
+    ts,
+    vpn_down,
+)
 
 ALL_STATES = (STARTING, WAITING, STREAMING, RECOVERING, LINGERING, CLOSED)
 ALL_INPUTS = ("opened", "told_to_wait", "engine_failed", "emptied", "joined", "close")
@@ -45,16 +56,6 @@ K = len(KEEPALIVE)
 # -- helpers ---------------------------------------------------------------------------
 
 
-def key(cid: str = CID) -> ContentKey:
-    return ContentKey("content_id", cid)
-
-
-def only_nulls(data: bytes) -> bool:
-    return len(data) % PACKET_SIZE == 0 and all(
-        data[i : i + PACKET_SIZE] == NULL_PACKET for i in range(0, len(data), PACKET_SIZE)
-    )
-
-
 def timer_name(call: Any) -> str:
     func = call.func
     if isinstance(func, LoopingCall):
@@ -62,34 +63,14 @@ def timer_name(call: Any) -> str:
     return getattr(func, "__name__", repr(func))
 
 
-def timers(p: Proxy) -> list[str]:
+def timers(p: InMemoryProxy) -> list[str]:
     """Our pending timers by function name, sorted (the channels' idle timeouts left out)."""
     return sorted(timer_name(c) for c in our_delayed_calls(p.clock))
 
 
-def timer(p: Proxy, name: str) -> Any:
+def timer(p: InMemoryProxy, name: str) -> Any:
     [call] = [c for c in our_delayed_calls(p.clock) if timer_name(c) == name]
     return call
-
-
-def info_for(k: ContentKey, n: int) -> PlaybackInfo:
-    """What ScriptedEngine.start answers for its ``n``-th start."""
-    return PlaybackInfo(
-        playback_url=f"http://engine:6878/ace/r/{k.value}/{n}",
-        stat_url=f"http://engine:6878/ace/stat/{k.value}/{n}",
-        command_url=f"http://engine:6878/ace/cmd/{k.value}/{n}",
-        infohash=k.value,
-        playback_session_id=f"{n:040x}",
-        is_live=1,
-    )
-
-
-def answer_start(p: Proxy, index: int = -1) -> None:
-    """A non-auto engine accepts start number ``index`` and answers its playback."""
-    k, d = p.engine.starts[index]
-    n = index if index >= 0 else len(p.engine.starts) + index
-    d.callback(info_for(k, n))
-    p.engine.answer_playback()
 
 
 class Recorder:
@@ -107,7 +88,7 @@ class Recorder:
         case.patch(EngineSession, "_entered", entered)
 
 
-def record_start_times(p: Proxy) -> list[float]:
+def record_start_times(p: InMemoryProxy) -> list[float]:
     """Clock times of every engine start (getstream) from now on."""
     times: list[float] = []
     original = p.engine.start
@@ -120,7 +101,7 @@ def record_start_times(p: Proxy) -> list[float]:
     return times
 
 
-def reset_every_new_playback(p: Proxy, until: float, handled: int, step: float = 0.25) -> int:
+def reset_every_new_playback(p: InMemoryProxy, until: float, handled: int, step: float = 0.25) -> int:
     """Advance the clock to ``until``; every playback that appears meanwhile
     (beyond the first ``handled``) is reset the moment it is there."""
     while True:
@@ -258,7 +239,7 @@ class SessionTransitionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.rec = Recorder(self)
 
-    def session(self, p: Proxy, cid: str = CID) -> EngineSession:
+    def session(self, p: InMemoryProxy, cid: str = CID) -> EngineSession:
         s = p.registry.get(key(cid))
         self.assertIsNotNone(s)
         return s
@@ -266,14 +247,14 @@ class SessionTransitionTests(SynchronousTestCase):
     # starting -> ...
 
     def test_starting_to_streaming(self) -> None:
-        p = Proxy(ScriptedEngine(auto=False))
+        p = InMemoryProxy(ScriptedEngine(auto=False))
         c = p.connect()
         s = self.session(p)
         self.assertEqual(s.state, STARTING)
         self.assertEqual(c.value(), b"")  # nothing yet: a refusal can still be a real HTTP error
         self.assertEqual(timers(p), [])
         self.assertEqual(len(p.engine.starts), 1)
-        answer_start(p)
+        p.engine.accept()
         self.assertEqual(s.state, STREAMING)
         self.assertEqual(self.rec.log, [(STARTING, STREAMING)])
         self.assertFalse(s.waiting)
@@ -287,8 +268,8 @@ class SessionTransitionTests(SynchronousTestCase):
         self.assertEqual(s.engine_sessions, 1)
 
     def test_starting_to_waiting(self) -> None:
-        p = Proxy(queue_size=8, keepalive_interval=1.0)
-        p.placement.script = [vpn_down()]
+        p = InMemoryProxy(queue_size=8, keepalive_interval=1.0)
+        p.engine.script = [vpn_down()]
         c = p.connect()
         s = self.session(p)
         self.assertEqual(s.state, WAITING)
@@ -309,16 +290,16 @@ class SessionTransitionTests(SynchronousTestCase):
         self.assertFalse(c.finished_cleanly() or c.aborted)
 
     def test_waiting_to_waiting_keeps_the_player_and_its_queue_place(self) -> None:
-        p = Proxy(queue_size=8, keepalive_interval=1.0)
-        p.placement.script = [vpn_down(), vpn_down()]
+        p = InMemoryProxy(queue_size=8, keepalive_interval=1.0)
+        p.engine.script = [vpn_down(), vpn_down()]
         a = p.connect()
         b = p.connect(b"/ace/getstream?id=" + CID2.encode())
         sa, sb = self.session(p, CID), self.session(p, CID2)
         self.assertEqual(p.waits.held, [sa, sb])
         p.clock.advance(0.5)
-        p.placement.script = [vpn_down()]  # A is told to wait again
+        p.engine.script = [vpn_down()]  # A is told to wait again
         p.waits.kick()
-        self.assertEqual([k for k, _ in p.placement.places], [key(CID), key(CID2), key(CID)])  # B not tried
+        self.assertEqual(p.engine.attempts, [key(CID), key(CID2), key(CID)])  # B not tried
         self.assertEqual(sa.state, WAITING)
         self.assertEqual(self.rec.log, [(STARTING, WAITING), (STARTING, WAITING), (WAITING, WAITING)])
         self.assertEqual(p.waits.held, [sa, sb])  # A keeps its place, ahead of B
@@ -333,8 +314,8 @@ class SessionTransitionTests(SynchronousTestCase):
         self.assertEqual(p.engine.starts, [])
 
     def test_waiting_to_streaming_on_the_same_connection(self) -> None:
-        p = Proxy(queue_size=8, keepalive_interval=1.0)
-        p.placement.script = [vpn_down()]
+        p = InMemoryProxy(queue_size=8, keepalive_interval=1.0)
+        p.engine.script = [vpn_down()]
         c = p.connect()
         s = self.session(p)
         p.clock.pump([1, 1, 0.5])  # keepalive at 0, 1, 2
@@ -355,8 +336,8 @@ class SessionTransitionTests(SynchronousTestCase):
 
     # streaming -> recovering -> ...
 
-    def _streaming_with_players(self, **kwargs: Any) -> tuple[Proxy, EngineSession, list]:
-        p = Proxy(failover_attempts=3, queue_size=8, keepalive_interval=1.0, **kwargs)
+    def _streaming_with_players(self, **kwargs: Any) -> tuple[InMemoryProxy, EngineSession, list]:
+        p = InMemoryProxy(failover_attempts=3, queue_size=8, keepalive_interval=1.0, **kwargs)
         players = [p.connect(), p.connect()]
         s = self.session(p)
         p.engine.response.data(ts(2, 0x01))
@@ -376,7 +357,7 @@ class SessionTransitionTests(SynchronousTestCase):
             self.assertFalse(c.finished_cleanly() or c.aborted)
         self.assertEqual(p.engine.stops, [dead])  # the dead engine session is stopped
         self.assertEqual(len(p.engine.starts), 2)  # the first attempt is in flight already
-        self.assertEqual(p.lost, [(s, "failover")])
+        self.assertEqual(p.registry.stopped, {"failover": 1})  # the dead engine session, reported
         self.assertEqual(timers(p), ["_keepalive_tick"])  # the dead connection's watchdog is gone
         self.assertIsNotNone(s.incident)
         self.assertEqual((s.incident.started_at, s.incident.budget.used), (3.0, 1))
@@ -393,7 +374,7 @@ class SessionTransitionTests(SynchronousTestCase):
         p.engine.auto = False
         p.engine.response.reset()
         p.clock.advance(1.5)  # keepalive at 3 and 4
-        answer_start(p)
+        p.engine.accept()
         self.assertEqual(s.state, STREAMING)
         self.assertEqual(self.rec.log, [(STARTING, STREAMING), (STREAMING, RECOVERING), (RECOVERING, STREAMING)])
         self.assertFalse(s.waiting)
@@ -412,9 +393,17 @@ class SessionTransitionTests(SynchronousTestCase):
             self.assertEqual(c.body(), ts(2, 0x01) + KEEPALIVE * 2 + ts(2, 0x02))
 
     def test_recovering_to_waiting(self) -> None:
-        p, s, players = self._streaming_with_players()
-        p.placement.script = [vpn_down()]  # the failover's placement is told to wait
-        p.engine.response.reset()
+        # The VPN drops: the engine dies, the orchestrator lists none and says
+        # why, so the failover's placement is told to wait.
+        p = InMemoryProxy(orchestrator=True, failover_attempts=3, keepalive_interval=1.0)
+        dead, other = p.orchestrator.add(1), p.orchestrator.add(2)
+        players = [p.connect(), p.connect()]
+        s = self.session(p)
+        first = p.engine_of(dead)
+        first.response.data(ts(2, 0x01))
+        p.orchestrator.engine_list = []
+        p.orchestrator.snapshot = orchestrator_status(can_provision=False, code="vpn_disconnected", vpn_down=True)
+        first.response.reset()
         self.assertEqual(s.state, WAITING)
         self.assertEqual(
             self.rec.log, [(STARTING, STREAMING), (STREAMING, RECOVERING), (RECOVERING, WAITING)]
@@ -422,28 +411,33 @@ class SessionTransitionTests(SynchronousTestCase):
         self.assertEqual(s.waiting_reason, "vpn_disconnected")
         self.assertEqual(p.waits.held, [s])
         self.assertEqual(p.waits.kept_alive, [s])
-        self.assertEqual(len(p.placement.places), 2)
-        self.assertEqual(len(p.engine.starts), 1)
-        self.assertEqual(len(p.engine.stops), 1)
+        self.assertEqual(p.orchestrator.engines_calls, 2)  # the first placement and the failover's
+        self.assertEqual(p.orchestrator.provision_calls, [])  # blocked: nothing posted
+        self.assertEqual(first.attempts, [key()])
+        self.assertEqual(len(first.stops), 1)
         self.assertEqual(timers(p), ["_keepalive_tick"])  # no blind failover timer: the queue retries it
         p.clock.pump([1] * 10)
-        self.assertEqual(len(p.placement.places), 2)
+        self.assertEqual(p.orchestrator.engines_calls, 2)
         for c in players:
             self.assertEqual(c.body(), ts(2, 0x01) + KEEPALIVE * 11)
             self.assertFalse(c.finished_cleanly() or c.aborted)
-        p.waits.kick()  # the VPN is back
+        p.orchestrator.engine_list = [dead, other]  # the VPN is back, and the engines
+        p.orchestrator.snapshot = orchestrator_status()
+        p.waits.kick()
         self.assertEqual(s.state, STREAMING)
         self.assertEqual(self.rec.log[-1], (WAITING, STREAMING))
-        self.assertEqual(p.placement.places[-1][1], frozenset({p.engine.address.url}))  # the failed engine last
+        second = p.engine_of(other)
+        self.assertIs(s.engine, second)  # the failed engine last, though it ranks first
+        self.assertEqual((first.attempts, second.attempts), ([key()], [key()]))
         self.assertIsNotNone(s.incident)  # still the same incident
-        p.engine.response.data(ts(1, 0x03))
+        second.response.data(ts(1, 0x03))
         for c in players:
             self.assertEqual(c.body()[-PACKET_SIZE:], ts(1, 0x03))
 
     # streaming -> lingering -> ...
 
-    def _lingering(self) -> tuple[Proxy, EngineSession]:
-        p = Proxy(linger=5)
+    def _lingering(self) -> tuple[InMemoryProxy, EngineSession]:
+        p = InMemoryProxy(linger=5)
         c = p.connect()
         s = self.session(p)
         p.engine.response.data(ts(1))
@@ -489,14 +483,16 @@ class SessionTransitionTests(SynchronousTestCase):
         self.assertEqual(p.engine.stops, [info])
         self.assertEqual(p.engine.response.transport.producerState, "stopped")  # connection closed
         self.assertIsNone(p.registry.get(key()))
-        self.assertEqual(p.closed, [(s, "client_disconnected")])
+        self.assertEqual(s.close_reason, "client_disconnected")
+        self.assertEqual(p.registry.stopped, {"client_disconnected": 1})
         self.assertEqual(our_delayed_calls(p.clock), [])
 
     # close from every non-closed state
 
-    def _close_and_check(self, p: Proxy, s: EngineSession, state: str, stops: int) -> None:
+    def _close_and_check(self, p: InMemoryProxy, s: EngineSession, state: str, stops: int) -> None:
         starts = len(p.engine.starts)
-        places = len(p.placement.places)
+        attempts = len(p.engine.attempts)
+        before = Counter(p.registry.stopped)  # a failover's lost engine session is counted already
         self.assertEqual(s.state, state)
         s.close("shutdown")
         self.assertEqual(s.state, CLOSED)
@@ -504,19 +500,19 @@ class SessionTransitionTests(SynchronousTestCase):
         self.assertEqual(our_delayed_calls(p.clock), [])
         self.assertEqual(len(p.engine.stops), stops)
         self.assertIsNone(p.registry.get(s.key))
-        self.assertEqual(p.closed, [(s, "shutdown")])
+        self.assertEqual(p.registry.stopped - before, {"shutdown": 1})
         self.assertEqual(s.close_reason, "shutdown")
-        if p.waits is not None:
-            self.assertEqual((p.waits.held, p.waits.kept_alive), ([], []))
+        self.assertEqual((p.waits.held, p.waits.kept_alive), ([], []))
         s.close("again")  # idempotent
-        self.assertEqual(p.closed, [(s, "shutdown")])
+        self.assertEqual(p.registry.stopped - before, {"shutdown": 1})
+        self.assertEqual(s.close_reason, "shutdown")
         p.clock.advance(100)
         self.assertEqual(len(p.engine.starts), starts)  # nothing placed after the close
-        self.assertEqual(len(p.placement.places), places)
+        self.assertEqual(len(p.engine.attempts), attempts)
         self.assertEqual(len(p.engine.stops), stops)
 
     def test_close_while_starting(self) -> None:
-        p = Proxy(ScriptedEngine(auto=False))
+        p = InMemoryProxy(ScriptedEngine(auto=False))
         c = p.connect()
         s = self.session(p)
         self._close_and_check(p, s, STARTING, stops=0)  # no engine session yet
@@ -525,8 +521,8 @@ class SessionTransitionTests(SynchronousTestCase):
         self.assertEqual(c.status(), 502)  # no byte yet: a real HTTP error
 
     def test_close_while_waiting(self) -> None:
-        p = Proxy(queue_size=8)
-        p.placement.script = [vpn_down()]
+        p = InMemoryProxy(queue_size=8)
+        p.engine.script = [vpn_down()]
         c = p.connect()
         s = self.session(p)
         p.clock.advance(1)
@@ -535,7 +531,7 @@ class SessionTransitionTests(SynchronousTestCase):
         self.assertEqual(c.body(), KEEPALIVE * 2)
 
     def test_close_while_streaming(self) -> None:
-        p = Proxy()
+        p = InMemoryProxy()
         c = p.connect()
         s = self.session(p)
         p.engine.response.data(ts(2))
@@ -556,7 +552,7 @@ class SessionTransitionTests(SynchronousTestCase):
 
     def test_close_while_recovering_between_attempts(self) -> None:
         p, s, players = self._streaming_with_players()
-        p.placement.script = [EngineError("connection refused")]  # the immediate attempt fails
+        p.engine.script = [EngineError("connection refused")]  # the immediate attempt fails
         p.engine.response.reset()
         self.assertEqual(timers(p), ["_attempt", "_keepalive_tick"])
         self.assertEqual(timer(p, "_attempt").getTime(), 1.0)
@@ -581,7 +577,7 @@ class ReentrantCloseTests(SynchronousTestCase):
         # fails: the first null packets of "recovering" push it over and it is
         # cut, so the session has nobody left and closes — inside the
         # engine_failed transition. No engine may be placed for it after that.
-        p = Proxy(failover_attempts=3, queue_size=8, buffer_size=4000, stuck_timeout=0)
+        p = InMemoryProxy(failover_attempts=3, queue_size=8, buffer_size=4000)
         c = p.connect()
         s = p.registry.get(key())
         p.engine.response.data(ts(1))
@@ -591,7 +587,8 @@ class ReentrantCloseTests(SynchronousTestCase):
         p.engine.response.reset()
         self.assertTrue(c.aborted)  # cut by the keepalive
         self.assertEqual(s.state, CLOSED)
-        self.assertEqual(p.closed, [(s, "client_disconnected")])
+        self.assertEqual(s.close_reason, "client_disconnected")
+        self.assertEqual(p.registry.stopped, {"failover": 1, "client_disconnected": 1})
         self.assertEqual(our_delayed_calls(p.clock), [])
         self.assertEqual(len(p.engine.stops), 1)  # the dead engine session only
         self.assertEqual(len(p.engine.starts), 1)  # no failover for a session that closed
@@ -602,15 +599,15 @@ class ReentrantCloseTests(SynchronousTestCase):
 
 
 class FailoverBudgetTests(SynchronousTestCase):
-    def _streaming(self, **kwargs: Any) -> tuple[Proxy, EngineSession, Any, list[float]]:
-        p = Proxy(failover_attempts=3, queue_size=8, **kwargs)
+    def _streaming(self, **kwargs: Any) -> tuple[InMemoryProxy, EngineSession, Any, list[float]]:
+        p = InMemoryProxy(failover_attempts=3, queue_size=8, **kwargs)
         times = record_start_times(p)
         c = p.connect()
         s = p.registry.get(key())
         p.engine.response.data(ts(1))
         return p, s, c, times
 
-    def _give_up_after(self, p: Proxy, s: EngineSession, c: Any, t: float, handled: int) -> int:
+    def _give_up_after(self, p: InMemoryProxy, s: EngineSession, c: Any, t: float, handled: int) -> int:
         """From a failure at ``t`` that began a fresh incident: attempts at t, t+1, t+3, then a clean end."""
         handled = reset_every_new_playback(p, t + 2.75, handled)
         self.assertFalse(c.finished_cleanly() or c.aborted)
@@ -631,7 +628,9 @@ class FailoverBudgetTests(SynchronousTestCase):
         self.assertEqual(len(p.engine.starts), 4)
         self.assertTrue(c.finished_cleanly())
         self.assertEqual(s.state, CLOSED)
-        self.assertEqual(p.closed, [(s, "engine_error")])
+        self.assertEqual(s.close_reason, "engine_error")
+        # each of the four lost engine sessions is counted, then the session's own end
+        self.assertEqual(p.registry.stopped, {"failover": 4, "engine_error": 1})
         self.assertEqual(len(p.engine.stops), 4)  # every engine session got its stop
         self.assertEqual(len({i.playback_session_id for i in p.engine.stops}), 4)
         self.assertEqual(s.engine_sessions, 4)

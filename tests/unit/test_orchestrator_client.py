@@ -31,6 +31,7 @@ from acexy_tw.orchestrator.client import (
     stream_id_for,
     stream_started_event,
 )
+from acexy_tw.testing import ScriptedResource, answer
 
 KEY = "s3cr3t-Key-0123456789"
 BASE = "http://orch.lan:8000"
@@ -94,47 +95,11 @@ ENGINES = [
 ]
 
 
-class Scripted(Resource):
-    """Every request goes to ``handler(request) -> bytes | NOT_DONE_YET``; requests are recorded."""
-
-    isLeaf = True
-
-    def __init__(self, handler: Callable[[Any], Any]) -> None:
-        super().__init__()
-        self.handler = handler
-        self.seen: list[dict] = []
-
-    def render(self, request: Any) -> Any:
-        body = request.content.read()
-        self.seen.append(
-            {
-                "method": request.method.decode(),
-                "path": request.path.decode(),
-                "args": {k.decode(): [x.decode() for x in v] for k, v in request.args.items()},
-                "auth": request.requestHeaders.getRawHeaders(b"authorization"),
-                "content_type": request.requestHeaders.getRawHeaders(b"content-type"),
-                "body": body,
-            }
-        )
-        return self.handler(request)
-
-
-def answer(code: int, doc: Any = None, raw: Optional[bytes] = None) -> Callable[[Any], bytes]:
-    def handler(request: Any) -> bytes:
-        request.setResponseCode(code)
-        if raw is not None:
-            return raw
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(doc).encode()
-
-    return handler
-
-
 class Base(SynchronousTestCase):
     def make(
         self, handler: Callable[[Any], Any], key: Optional[str] = KEY
-    ) -> tuple[OrchestratorClient, StubTreq, Scripted, Clock]:
-        resource = Scripted(handler)
+    ) -> tuple[OrchestratorClient, StubTreq, ScriptedResource, Clock]:
+        resource = ScriptedResource(handler)
         stub = StubTreq(resource)
         clock = Clock()
         client = OrchestratorClient(stub, BASE, key, clock, timeout=10, provision_timeout=60)

@@ -69,7 +69,7 @@ class ServiceTests(SynchronousTestCase):
         svc = makeService(parse("--listen", "tcp:0:interface=127.0.0.1"), reactor=reactor)
         svc.startService()
         self.assertEqual(len(reactor.tcpServers), 1)
-        port = self.successResultOf(svc.listener.when_listening())
+        port = self.successResultOf(svc.when_listening())
         self.assertIsNotNone(port)
         self.successResultOf(svc.stopService())
         self.assertEqual(reactor.getDelayedCalls(), [])
