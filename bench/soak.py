@@ -82,7 +82,7 @@ from common import (  # noqa: E402
 
 ERROR_PATTERNS = ("Traceback", "Unhandled", "CRITICAL", "#critical", "#error")
 SAMPLE_EVERY = 5.0
-POOL_IDLE_TIMEOUT = 60.0  # acexy_tw.service.make_pool: cachedConnectionTimeout
+POOL_IDLE_TIMEOUT = 60.0  # acexy_tw.build.make_pool: cachedConnectionTimeout
 KINDS = {  # kind: share of arrivals
     "viewer": 0.40,
     "zapper": 0.15,
