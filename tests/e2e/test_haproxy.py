@@ -5,8 +5,10 @@ instance: one simulated engine, two ``twistd acexy`` instances, and Debian's
 content with different extra parameters (``pid``, selector name, case) share
 one engine session on one instance; different contents do spread over both.
 
-Plain subprocesses and blocking HTTP (no reactor needed): every wait is a
-short polling loop with a deadline, and every process is killed in ``finally``.
+Plain subprocesses and blocking HTTP (no reactor needed). Every wait has a
+deadline and waits for an event: a line in a child's output (read by a thread
+that wakes the waiters as it arrives) or, for HAProxy starting, its port
+answering. Every process is killed in ``finally``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +34,10 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 HOST = "127.0.0.1"
 STARTUP = 20  # seconds, per readiness wait
 READ = 188 * 64  # a few whole TS packets per player
+POLL = 0.05  # seconds between checks of a condition no child announces (a port answering)
+
+#: notified whenever any child writes output or exits
+ACTIVITY = threading.Condition()
 
 
 def free_port() -> int:
@@ -43,31 +50,83 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("ACEXY_")}
 
 
+class WaitTimeout(AssertionError):
+    pass
+
+
+def until(predicate, timeout: float = 10, what: str = "condition", interval: float = POLL):
+    """``predicate()``'s first true result, checked again whenever a child
+    writes output or exits, and at least every ``interval`` seconds; fails
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with ACTIVITY:
+            seen = Child.activity
+        result = predicate()
+        if result:
+            return result
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeout(f"timed out waiting for {what}")
+        with ACTIVITY:
+            ACTIVITY.wait_for(lambda: Child.activity != seen, timeout=min(interval, left))
+
+
 class Child:
-    """A child process whose output goes to a file we can poll."""
+    """A child process; a thread reads its output (kept in memory and in a
+    log file) and wakes whoever waits for it."""
+
+    #: bumped (under ACTIVITY) on every chunk of output and every exit
+    activity = 0
 
     def __init__(self, name: str, argv: list[str], logdir: Path) -> None:
         self.name = name
         self.log = logdir / f"{name}.log"
         self._out = open(self.log, "wb")
+        self._buffer = bytearray()
         self.proc = subprocess.Popen(
-            argv, stdout=self._out, stderr=subprocess.STDOUT, cwd=str(ROOT), env=clean_env()
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(ROOT), env=clean_env()
         )
+        self._reader = threading.Thread(target=self._read, name=f"{name} output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        fd = self.proc.stdout.fileno()
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.proc.wait()  # the output ends as the child exits: let waiters see its status
+            with ACTIVITY:
+                if chunk:
+                    self._buffer += chunk
+                    self._out.write(chunk)
+                    self._out.flush()
+                Child.activity += 1
+                ACTIVITY.notify_all()
+            if not chunk:
+                return
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        with ACTIVITY:
+            return self._buffer.decode(errors="replace")
+
+    def wait_output(self, check, timeout: float, what: str):
+        """``check(output)``'s first true result, checked as output arrives;
+        fails if the child exits first or after ``timeout`` seconds."""
+
+        def found():
+            result = check(self.output())
+            if not result and self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n{self.output()}")
+            return result
+
+        try:
+            return until(found, timeout, what, interval=timeout)  # woken by the output itself
+        except WaitTimeout:
+            raise AssertionError(f"{self.name}: no {what} within {timeout}s:\n{self.output()}") from None
 
     def wait_for(self, pattern: str, timeout: float = STARTUP) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while True:
-            m = re.search(pattern, self.output())
-            if m:
-                return m
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n{self.output()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {pattern!r} within {timeout}s:\n{self.output()}")
-            time.sleep(0.05)
+        return self.wait_output(lambda out: re.search(pattern, out), timeout, repr(pattern))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -77,7 +136,10 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
-        self._out.close()
+        self._reader.join(timeout=5)
+        self.proc.stdout.close()
+        with ACTIVITY:
+            self._out.close()
 
 
 def haproxy_config(front: int, backends: list[int]) -> str:
@@ -137,17 +199,6 @@ class Player:
         self.conn.close()
 
 
-def until(predicate, timeout: float = 10, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def content_ids(n: int) -> list[str]:
     return [f"{i:02x}" * 20 for i in range(0x10, 0x10 + n)]
 
@@ -197,7 +248,7 @@ def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
                 raise AssertionError(f"haproxy exited ({haproxy.proc.returncode}):\n{haproxy.output()}")
             try:
                 return get(front, "/healthz", timeout=1)[0] == 200
-            except OSError:
+            except OSError:  # not listening yet: HAProxy announces nothing, so its port is polled
                 return False
 
         until(front_healthy, STARTUP, "haproxy's /healthz")
@@ -209,12 +260,14 @@ def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
             players.append(player)
             player.read_ts()
 
-        def one_instance_with(clients: int):
+        def one_instance_with(clients: int) -> list:
+            # (every player reading TS is attached to its session: no waiting)
             docs = [status(p) for p in ports]
             counts = sorted((d["streams"], d["clients"]) for d in docs)
-            return docs if counts == [(0, 0), (1, clients)] else None
+            assert counts == [(0, 0), (1, clients)], docs
+            return docs
 
-        docs = until(lambda: one_instance_with(2), 10, "one stream with 2 clients on one instance")
+        docs = one_instance_with(2)
         owner = next(i for i, d in enumerate(docs) if d["streams"] == 1)
         assert carries(ports[owner], cid) and not carries(ports[1 - owner], cid)
 
@@ -222,13 +275,14 @@ def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
         player = Player(front, f"content_id={cid.upper()}&pid=c")
         players.append(player)
         player.read_ts()
-        docs = until(lambda: one_instance_with(3), 10, "the third player on the same instance")
+        docs = one_instance_with(3)
         assert docs[owner]["streams"] == 1
 
         for player in players:
             player.close()
         players.clear()
-        until(lambda: all(status(p)["streams"] == 0 for p in ports), 10, "the session to end (linger 0)")
+        proxies[owner].wait_for(rf"engine session for {cid} closed \(", 10)  # linger 0
+        assert all(status(p)["streams"] == 0 for p in ports)
 
         # -- different contents can land on different instances ---------------------
         seen: dict[str, int] = {}
@@ -259,11 +313,11 @@ def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
         for _ in range(16):
             assert get(front, "/ace/status")[0] == 200
 
-        def status_servers():
-            served = re.findall(r"acexy/(acexy\d) .*\"GET /ace/status HTTP", haproxy.output())
+        def status_servers(output: str):
+            served = re.findall(r"acexy/(acexy\d) .*\"GET /ace/status HTTP", output)
             return set(served) if len(served) >= 16 else None
 
-        assert until(status_servers, 10, "haproxy's log of /ace/status") == {"acexy1", "acexy2"}
+        assert haproxy.wait_output(status_servers, 10, "log of 16 /ace/status") == {"acexy1", "acexy2"}
 
         # -- an instance goes away: its content moves to the other one -----------------
         proxies[owner].stop()
@@ -273,13 +327,10 @@ def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
             assert carries(ports[1 - owner], cid)
         finally:
             player.close()
-        # ... and with none left, the front's /healthz says so.
+        # ... and with none left (once its health checks notice), the front's /healthz says so.
         proxies[1 - owner].stop()
-
-        def front_down():
-            return get(front, "/healthz", timeout=1)[0] == 503
-
-        until(front_down, 15, "haproxy's /healthz to report no instance")
+        haproxy.wait_for(r"backend '?acexy'? has no server available", 15)
+        assert get(front, "/healthz", timeout=1)[0] == 503
     finally:
         for player in players:
             player.close()

@@ -95,8 +95,8 @@ class LingerTests(TestCase):
         p = await Player.open(self, proxy.stream_url())
         await p.when_received(PACKET_SIZE)
         await within(p.hang_up())
+        # the failed stop command is logged as a warning: any logged error fails this test
         await within(engine.when(lambda e: e.stop_count == 1 and e.open_playbacks == 0))
-        self.flushLoggedErrors()
 
     async def test_connection_closed_when_stop_hangs(self) -> None:
         engine = sim_engine(self, bitrate=2_000_000)

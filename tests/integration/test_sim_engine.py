@@ -4,7 +4,9 @@ The simulated AceStream engine over real loopback sockets.
 Trial test cases (real reactor, port 0 on 127.0.0.1, a treq client with its
 own connection pool).  Tests wait for events, with a timeout, and never
 sleep; every test leaves the reactor clean (cleanups hang up the readers,
-close the pool, then shut the engine down).
+close the pool, then shut the engine down).  *When* things happen (the delay
+knobs, the pacing) is checked exactly on a ``task.Clock``, with the engine's
+HTTP API served in memory (:class:`Clocked`, ``ClockTests``).
 
 Runs under ``pytest -p no:twisted`` and ``python -m twisted.trial``.
 """
@@ -12,6 +14,7 @@ Runs under ``pytest -p no:twisted`` and ``python -m twisted.trial``.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -19,10 +22,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from treq.client import HTTPClient
+from treq.testing import StubTreq
 
 from acexy_tw.sim.engine import Behaviour, SimEngine, parse_bitrate
 from acexy_tw.streaming.mpegts import PACKET_SIZE
@@ -31,8 +36,8 @@ TIMEOUT = 10
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 
-def within(d: Deferred) -> Deferred:
-    return d.addTimeout(TIMEOUT, reactor)
+def within(d: Deferred, seconds: float = TIMEOUT) -> Deferred:
+    return d.addTimeout(seconds, reactor)
 
 
 def assert_session_answer(test: Any, body: Dict[str, Any], content: str, playback_url: str) -> Dict[str, Any]:
@@ -120,6 +125,39 @@ async def failure_of(d: Deferred) -> Failure:
 
     await within(d.addCallbacks(unexpected, box.append))
     return box[0]
+
+
+class Clocked:
+    """
+    A simulator's HTTP API served in memory (treq's ``StubTreq``) with its
+    timers on a ``task.Clock``: *when* something happens is checked exactly and
+    nothing waits. A request is answered as soon as nothing delays it;
+    :meth:`advance` moves the clock on (and lets the answers through).
+    """
+
+    def __init__(self, resource: Any, clock: MemoryReactorClock) -> None:
+        self.clock = clock
+        self._http = StubTreq(resource)
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred:
+        """The response Deferred (it fires at the headers; bodies are unbuffered)."""
+        d = self._http.request(method, url, unbuffered=True, **kwargs)
+        self.advance(0)
+        return d
+
+    def get(self, url: str, **kwargs: Any) -> Deferred:
+        return self.request("GET", url, **kwargs)
+
+    def body(self, response: Any) -> Deferred:
+        """The whole body of a response that ends."""
+        d = response.content()
+        self._http.flush()
+        return d
+
+    def advance(self, seconds: float) -> None:
+        self._http.flush()
+        self.clock.advance(seconds)
+        self._http.flush()
 
 
 class EngineTestCase(TestCase):
@@ -255,14 +293,15 @@ class PlaybackTests(EngineTestCase):
         self.assertEqual(self.engine.open_playbacks, 1)
 
     async def test_rate_limited_playback_delivers_the_bitrate(self) -> None:
+        """Not much slower than the bitrate over a real socket (not faster: on a
+        clock, ``ClockTests.test_rate_limited_playback_keeps_to_the_bitrate``)."""
         answer = (await self.getstream(id="abc"))["response"]
-        started = reactor.seconds()
-        _, reader = await self.play(answer["playback_url"], keep=False)
-        one_second = self.bitrate // 8
-        await reader.at_least(one_second * 95 // 100)
-        elapsed = reactor.seconds() - started
-        self.assertGreater(elapsed, 0.85, "faster than the bitrate")
-        self.assertLess(elapsed, 1.6, "much slower than the bitrate")
+
+        async def one_second_of_stream() -> int:
+            _, reader = await self.play(answer["playback_url"], keep=False)
+            return await reader.at_least(self.bitrate // 8 * 95 // 100)
+
+        await within(Deferred.fromCoroutine(one_second_of_stream()), 1.6)
 
     async def test_client_hang_up_is_recorded(self) -> None:
         answer, _, reader = await self.start()
@@ -357,11 +396,14 @@ class FlatOutTests(EngineTestCase):
 
 class MisbehaviourTests(EngineTestCase):
     async def test_json_delay(self) -> None:
+        """The answer is held, then given (how long: ``ClockTests.test_json_delay``)."""
         self.engine.behaviour.json_delay = 0.5
-        started = reactor.seconds()
-        body = await self.getstream(id="abc")
-        self.assertGreaterEqual(reactor.seconds() - started, 0.45)
+        d = Deferred.fromCoroutine(self.getstream(id="abc"))
+        await self.wait(lambda e: e.pending_answers == 1)
+        self.assertFalse(d.called)
+        body = await within(d)
         self.assertIsNone(body["error"])
+        self.assertEqual(self.engine.pending_answers, 0)
 
     async def test_json_hang_until_the_client_gives_up(self) -> None:
         self.engine.behaviour.json_hang = True
@@ -405,14 +447,15 @@ class MisbehaviourTests(EngineTestCase):
 
     async def test_playback_delay_is_prebuffering(self) -> None:
         answer = (await self.getstream(id="abc"))["response"]
-        self.engine.behaviour.playback_delay = 0.5
-        started = reactor.seconds()
+        self.engine.behaviour.playback_delay = 0.5  # how long: ClockTests.test_playback_delay
         d = self.get(self.local(answer["playback_url"]))
+        headers: List[Any] = []
+        d.addCallback(lambda response: (headers.append(response), response)[1])
         await self.wait(lambda e: e.open_playbacks == 1)
         _, stat = await self.get_json(self.local(answer["stat_url"]))
         self.assertEqual(stat["response"]["status"], "prebuf")
+        self.assertEqual(headers, [])  # no headers while prebuffering
         response = await d
-        self.assertGreaterEqual(reactor.seconds() - started, 0.45)
         reader = BodyReader()
         response.deliverBody(reader)
         self.readers.append(reader)
@@ -680,3 +723,66 @@ class BitrateParsingTests(TestCase):
         self.assertEqual(parse_bitrate("8000000"), 8_000_000)
         self.assertEqual(parse_bitrate("1.5m"), 1_500_000)
         self.assertRaises(ValueError, parse_bitrate, "fast")
+
+
+class ClockTests(SynchronousTestCase):
+    """The engine's delay knobs and its pacing on a ``task.Clock``: exact, and
+    nothing waits (the HTTP API is served in memory)."""
+
+    bitrate = 2_000_000
+    base = "http://127.0.0.1:6878"
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.engine = SimEngine(self.clock, bitrate=self.bitrate)
+        self.http = Clocked(self.engine._site.resource, self.clock)
+
+    def getstream(self, **params: str) -> Deferred:
+        return self.http.get(self.base + "/ace/getstream", params={"format": "json", **params})
+
+    def answer(self, d: Deferred) -> Dict[str, Any]:
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        return json.loads(self.successResultOf(self.http.body(response)))
+
+    def started(self) -> Dict[str, Any]:
+        body = self.answer(self.getstream(id="abc"))
+        self.assertIsNone(body["error"])
+        return body["response"]
+
+    def test_json_delay(self) -> None:
+        self.engine.behaviour.json_delay = 0.5
+        d = self.getstream(id="abc")
+        self.http.advance(0.49)
+        self.assertNoResult(d)
+        self.assertEqual(self.engine.pending_answers, 1)
+        self.http.advance(0.01)
+        self.assertIsNone(self.answer(d)["error"])
+        self.assertEqual(self.engine.pending_answers, 0)
+
+    def test_playback_delay(self) -> None:
+        answer = self.started()
+        self.engine.behaviour.playback_delay = 0.5
+        d = self.http.get(answer["playback_url"])
+        self.http.advance(0.49)
+        self.assertNoResult(d)  # prebuffering
+        self.assertEqual(self.engine.open_playbacks, 1)
+        self.http.advance(0.01)
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+
+    def test_rate_limited_playback_keeps_to_the_bitrate(self) -> None:
+        answer = self.started()
+        response = self.successResultOf(self.http.get(answer["playback_url"]))
+        reader = BodyReader(keep=False)
+        response.deliverBody(reader)
+        per_second = self.bitrate // 8
+        per_tick = per_second * self.engine.tick
+        for seconds in (0.5, 1.0, 2.0):
+            while self.clock.seconds() < seconds - 1e-9:
+                self.http.advance(self.engine.tick)
+            # what the bitrate allows by now, to within a write of it: not faster, not slower
+            self.assertLessEqual(abs(reader.received - per_second * seconds), per_tick + PACKET_SIZE, seconds)
+        reader.transport.stopProducing()  # hang up
+        self.http.advance(0)
+        self.assertIsNotNone(reader.reason)

@@ -2,10 +2,12 @@
 HLS in the simulated engine, over real loopback sockets.
 
 Trial test cases in the style of ``test_sim_engine.py``: an engine on
-127.0.0.1 port 0, a treq client with its own pool, waiting with a timeout and
-bounded polling (short ``deferLater`` steps), never sleeping.  Segments are
-checked with ``ffprobe`` and the live playlist is read end to end with
-``ffmpeg`` (each skipped only when the tool is missing).
+127.0.0.1 port 0, a treq client with its own pool, waiting with a timeout,
+never sleeping.  The live timeline (the playlist sliding, old segments
+expiring, the manifest delay) is checked on a ``task.Clock`` with the HTTP
+API served in memory (``ClockTimelineTests``): exact, and nothing polls.
+Segments are checked with ``ffprobe`` and the live playlist is read end to
+end with ``ffmpeg`` (each skipped only when the tool is missing).
 
 Runs under ``pytest -p no:twisted`` and ``python -m twisted.trial``.
 """
@@ -22,15 +24,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from acexy_tw.sim.engine import SimEngine
 from acexy_tw.streaming.mpegts import PACKET_SIZE
-from tests.integration.test_sim_engine import assert_session_answer
+from tests.integration.test_sim_engine import Clocked, assert_session_answer
 
 TIMEOUT = 10
 SEGMENT = 0.3  # short segments: the playlist slides quickly
@@ -150,17 +152,6 @@ class HlsTestCase(TestCase):
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/vnd.apple.mpegurl"])
         return Playlist(body.decode())
 
-    async def poll_playlist(self, answer: Dict[str, Any], until, limit: float = 5.0) -> Playlist:
-        """Poll the playlist (every 50 ms, for at most ``limit`` s) until ``until(playlist)``."""
-        deadline = reactor.seconds() + limit
-        while True:
-            playlist = await self.playlist(answer)
-            if until(playlist):
-                return playlist
-            if reactor.seconds() > deadline:
-                self.fail(f"playlist never got there:\n{playlist.text}")
-            await deferLater(reactor, 0.05, lambda: None)
-
     async def status_of(self, url: str) -> int:
         response, _ = await self.fetch(url)
         return response.code
@@ -239,18 +230,23 @@ class ManifestTests(HlsTestCase):
         self.assertEqual((self.engine.sessions, self.engine.manifest_calls), ({}, []))
 
 
+def check_syntax(test: Any, playlist: Playlist, infohash: str, advertised: str) -> None:
+    """A live media playlist of ``infohash`` with absolute segment URLs on ``advertised``."""
+    lines = playlist.lines
+    test.assertEqual(lines[0], "#EXTM3U")
+    test.assertEqual(playlist.tags["#EXT-X-VERSION"], "3")
+    test.assertNotIn("#EXT-X-ENDLIST", playlist.tags)  # live
+    test.assertTrue(3 <= len(playlist.entries) <= 5, playlist.text)
+    first = playlist.media_sequence
+    for i, (duration, url) in enumerate(playlist.entries):
+        test.assertEqual(url, f"{advertised}/ace/c/{infohash}/{first + i}.ts")
+        test.assertGreater(duration, 0)
+        test.assertLessEqual(math.floor(duration + 0.5), playlist.target_duration)
+
+
 class PlaylistTests(HlsTestCase):
     def check_syntax(self, playlist: Playlist, infohash: str) -> None:
-        lines = playlist.lines
-        self.assertEqual(lines[0], "#EXTM3U")
-        self.assertEqual(playlist.tags["#EXT-X-VERSION"], "3")
-        self.assertNotIn("#EXT-X-ENDLIST", playlist.tags)  # live
-        self.assertTrue(3 <= len(playlist.entries) <= 5, playlist.text)
-        first = playlist.media_sequence
-        for i, (duration, url) in enumerate(playlist.entries):
-            self.assertEqual(url, f"{self.advertised}/ace/c/{infohash}/{first + i}.ts")
-            self.assertGreater(duration, 0)
-            self.assertLessEqual(math.floor(duration + 0.5), playlist.target_duration)
+        check_syntax(self, playlist, infohash, self.advertised)
 
     async def test_playlist_syntax_and_absolute_segment_urls(self) -> None:
         answer = await self.start()
@@ -262,20 +258,6 @@ class PlaylistTests(HlsTestCase):
         self.assertEqual((session.manifest_requests, self.engine.manifest_requests), (1, 1))
         self.assertIsNotNone(session.last_manifest_at)
 
-    async def test_playlist_slides_with_time(self) -> None:
-        answer = await self.start()
-        first = await self.playlist(answer)
-        later = await self.poll_playlist(answer, lambda p: p.media_sequence >= first.media_sequence + 2)
-        self.check_syntax(later, answer["infohash"])
-        # The window moved on by whole segments: later URLs continue the first ones.
-        self.assertEqual(later.urls[0], f"{self.advertised}/ace/c/{answer['infohash']}/{later.media_sequence}.ts")
-        overlap = set(first.urls) & set(later.urls)
-        for url in overlap:
-            self.assertEqual(first.urls.index(url) - later.urls.index(url), later.media_sequence - first.media_sequence)
-        session = self.engine.last_session
-        self.assertGreaterEqual(session.manifest_requests, 3)
-        self.assertEqual(session.manifest_requests, self.engine.manifest_requests)
-
     async def test_manifest_status(self) -> None:
         answer = await self.start()
         self.engine.behaviour.manifest_status = 500
@@ -284,13 +266,6 @@ class PlaylistTests(HlsTestCase):
         self.assertEqual(self.engine.last_session.manifest_requests, 1)  # counted all the same
         self.engine.behaviour.manifest_status = 200
         await self.playlist(answer)
-
-    async def test_manifest_delay(self) -> None:
-        answer = await self.start()
-        self.engine.behaviour.manifest_delay = 0.3
-        started = reactor.seconds()
-        await self.playlist(answer)
-        self.assertGreaterEqual(reactor.seconds() - started, 0.25)
 
     async def test_unknown_token_is_404(self) -> None:
         answer = await self.start()
@@ -338,22 +313,6 @@ class SegmentTests(HlsTestCase):
         # consecutive segments continue the timestamps
         first, second = (float(info["format"]["start_time"]) for info in infos)
         self.assertNear(second - first, playlist.entries[-2][0], delta=0.05)
-
-    async def test_unknown_old_and_future_segments_are_404(self) -> None:
-        answer = await self.start()
-        infohash = answer["infohash"]
-        playlist = await self.playlist(answer)
-        newest = playlist.media_sequence + len(playlist.entries) - 1
-        base = f"{self.engine.url}/ace/c/{infohash}"
-        self.assertEqual(await self.status_of(f"{base}/{newest + 2}.ts"), 404)  # not yet
-        self.assertEqual(await self.status_of(f"{base}/x.ts"), 404)
-        self.assertEqual(await self.status_of(f"{self.engine.url}/ace/c/{'0' * 40}/0.ts"), 404)
-        self.assertEqual(await self.status_of(f"{base}/0.ts"), 200)
-        # once the window has moved more than twice its length, segment 0 is gone
-        await self.poll_playlist(answer, lambda p: p.media_sequence >= 2 * WINDOW - 2, limit=8)
-        self.assertEqual(await self.status_of(f"{base}/0.ts"), 404)
-        self.assertEqual(self.engine.last_session.segments_served, 1)
-        self.assertEqual(self.engine.segment_requests, 5)
 
     async def test_segment_status(self) -> None:
         answer = await self.start()
@@ -438,3 +397,81 @@ class FfmpegTests(HlsTestCase):
         self.assertGreaterEqual(session.segments_served, 8)  # > 3 s of 0.3 s segments
         # and decodes cleanly
         await self.run_tool(FFMPEG, ["-nostdin", "-v", "error", "-i", output, "-f", "null", "-"])
+
+
+class ClockTimelineTests(SynchronousTestCase):
+    """
+    The live timeline on a ``task.Clock``, the HTTP API served in memory: the
+    playlist slides by whole segments as time passes, old segments expire,
+    the manifest delay holds the playlist back. Exact, and nothing polls.
+    (Segment boundaries at 0.3 s segments: 0.32, 0.64, 0.96, 1.2 s, then
+    again every 1.2 s; the checks stay clear of them.)
+    """
+
+    advertised = "http://127.0.0.1:6878"
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.engine = SimEngine(self.clock, bitrate=2_000_000, hls_segment_duration=SEGMENT, hls_window=WINDOW)
+        self.http = Clocked(self.engine._site.resource, self.clock)
+
+    def fetch(self, url: str, **params: str) -> Tuple[Any, bytes]:
+        response = self.successResultOf(self.http.get(url, params=params or None))
+        return response, self.successResultOf(self.http.body(response))
+
+    def start(self) -> Dict[str, Any]:
+        _, body = self.fetch(self.advertised + "/ace/manifest.m3u8", format="json", id="abc", pid="player-1")
+        answer = json.loads(body)
+        self.assertIsNone(answer["error"])
+        return answer["response"]
+
+    def playlist(self, answer: Dict[str, Any]) -> Playlist:
+        response, body = self.fetch(answer["playback_url"])
+        self.assertEqual(response.code, 200, body)
+        return Playlist(body.decode())
+
+    def status_of(self, url: str) -> int:
+        return self.fetch(url)[0].code
+
+    def test_playlist_slides_with_time(self) -> None:
+        answer = self.start()
+        first = self.playlist(answer)
+        self.http.advance(1.0)  # three segments complete meanwhile
+        later = self.playlist(answer)
+        self.assertEqual(later.media_sequence, first.media_sequence + 3)
+        check_syntax(self, later, answer["infohash"], self.advertised)
+        # The window moved on by whole segments: later URLs continue the first ones.
+        self.assertEqual(later.urls[0], f"{self.advertised}/ace/c/{answer['infohash']}/{later.media_sequence}.ts")
+        overlap = set(first.urls) & set(later.urls)
+        self.assertTrue(overlap)
+        for url in overlap:
+            self.assertEqual(first.urls.index(url) - later.urls.index(url), later.media_sequence - first.media_sequence)
+        session = self.engine.last_session
+        self.assertEqual(session.manifest_requests, 2)
+        self.assertEqual(session.manifest_requests, self.engine.manifest_requests)
+
+    def test_manifest_delay(self) -> None:
+        answer = self.start()
+        self.engine.behaviour.manifest_delay = 0.3
+        d = self.http.get(answer["playback_url"])
+        self.http.advance(0.29)
+        self.assertNoResult(d)
+        self.http.advance(0.01)
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_unknown_old_and_future_segments_are_404(self) -> None:
+        answer = self.start()
+        infohash = answer["infohash"]
+        playlist = self.playlist(answer)
+        newest = playlist.media_sequence + len(playlist.entries) - 1
+        base = f"{self.advertised}/ace/c/{infohash}"
+        self.assertEqual(self.status_of(f"{base}/{newest + 2}.ts"), 404)  # not yet
+        self.assertEqual(self.status_of(f"{base}/x.ts"), 404)
+        self.assertEqual(self.status_of(f"{self.advertised}/ace/c/{'0' * 40}/0.ts"), 404)
+        self.assertEqual(self.status_of(f"{base}/0.ts"), 200)
+        # once the window has moved more than twice its length, segment 0 is gone
+        self.http.advance(2.3)  # seven more segments
+        self.assertGreaterEqual(self.playlist(answer).media_sequence, 2 * WINDOW - 2)
+        self.assertEqual(self.status_of(f"{base}/0.ts"), 404)
+        self.assertEqual(self.engine.last_session.segments_served, 1)
+        self.assertEqual(self.engine.segment_requests, 5)

@@ -2,10 +2,12 @@
 The simulated acestream-orchestrator over real loopback sockets.
 
 Trial test cases (real reactor, port 0 on 127.0.0.1, a treq client on its
-own non-persistent pool).  Waits are bounded: ``orch.when`` for state, short
-polling loops for things that only change with time (the breaker ETA, an
-engine starting).  Every test leaves the reactor clean: the cleanups close
-the pool, then shut the orchestrator and all its engines down.
+own non-persistent pool).  Waits are bounded (``orch.when`` for state) and
+nothing sleeps or polls: what only changes with time (the breaker ETA, the
+provision and ready delays, the status lag) is checked on a ``task.Clock``,
+with the HTTP API served in memory (``ClockTests``).  Every test leaves the
+reactor clean: the cleanups close the pool, then shut the orchestrator and
+all its engines down.
 
 Runs under ``pytest -p no:twisted`` and ``python -m twisted.trial``.
 """
@@ -14,19 +16,19 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from acexy_tw.sim.orchestrator import SimOrchestrator, _arguments, rfc3339
+from tests.integration.test_sim_engine import Clocked
 
 TIMEOUT = 10
 KEY = "test-key"
@@ -46,15 +48,6 @@ async def failure_of(d: Deferred) -> Failure:
 
     await within(d.addCallbacks(unexpected, box.append))
     return box[0]
-
-
-async def poll(check: Callable[[], Awaitable[bool]], what: str, seconds: float = TIMEOUT) -> None:
-    """Bounded polling for conditions that change with time alone."""
-    deadline = reactor.seconds() + seconds
-    while not await check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.02)
 
 
 class OrchestratorTestCase(TestCase):
@@ -286,7 +279,8 @@ class ProvisionErrorTests(OrchestratorTestCase):
         )
         self.assertRegex((await self.status())["provisioning"]["last_failure"], RFC3339)
 
-    async def test_breaker_counts_down_and_stays_open_at_zero(self) -> None:
+    async def test_breaker_refuses_with_its_eta_until_closed(self) -> None:
+        """(Its countdown: ``ClockTests.test_breaker_counts_down_and_stays_open_at_zero``.)"""
         self.orch.open_breaker(1)
         detail = await self.refused(503)
         self.assertEqual(
@@ -302,18 +296,7 @@ class ProvisionErrorTests(OrchestratorTestCase):
         doc = await self.status()
         self.assertEqual(doc["provisioning"]["circuit_breaker_state"], "open")
         self.assertEqual(doc["provisioning"]["blocked_reason_details"]["recovery_eta_seconds"], 1)
-
-        async def eta_zero() -> bool:
-            details = (await self.status())["provisioning"]["blocked_reason_details"]
-            return details["recovery_eta_seconds"] == 0
-
-        await poll(eta_zero, "the breaker ETA to reach 0", seconds=5)
-        doc = await self.status()
-        self.assertEqual(doc["provisioning"]["circuit_breaker_state"], "open")
         self.assertFalse(doc["provisioning"]["can_provision"])
-        code, body = await self.provision()
-        detail = body["detail"]
-        self.assertEqual((code, detail["code"], detail["recovery_eta_seconds"]), (503, "circuit_breaker", 0))
 
         self.orch.close_breaker()
         self.assertEqual((await self.status())["provisioning"]["circuit_breaker_state"], "closed")
@@ -411,8 +394,9 @@ class ProvisionTests(OrchestratorTestCase):
     options = {"engine_ready_delay": 0.8}
 
     async def test_provisioned_engine_answers_only_after_the_ready_delay(self) -> None:
+        """Refused while starting, answering once ready (how long it takes:
+        ``ClockTests.test_provisioned_engine_is_ready_after_the_delay``)."""
         code, body = await self.provision()
-        answered = reactor.seconds()
         self.assertEqual(code, 200)
         keys = {"container_id", "container_name", "host_http_port", "container_http_port", "container_https_port"}
         self.assertEqual(set(body), keys)
@@ -433,21 +417,20 @@ class ProvisionTests(OrchestratorTestCase):
         # refused while "starting", then answers
         self.assertFalse(handle.ready)
         self.assertFalse(await self.engine_answers(listed["port"]))
-        await poll(lambda: self.engine_answers(listed["port"]), "the engine to answer")
-        self.assertGreaterEqual(reactor.seconds() - answered, 0.75)
-        self.assertTrue(handle.ready)
+        await within(self.orch.when(lambda o: handle.ready))
+        self.assertTrue(await self.engine_answers(listed["port"]))
         self.assertEqual(handle.engine.advertise_port, 6878)
         code, engines = await self.call("GET", "/engines")
         self.assertEqual(engines[0]["health_status"], "healthy")
 
     async def test_provision_delay_and_labels(self) -> None:
+        """(The delay on a clock: ``ClockTests.test_provision_delay``.)"""
         self.orch.provision_delay = 0.3
         self.orch.engine_ready_delay = 0
         waiting = self.orch.when(lambda o: len(o.provisioned) == 1)
         code, body = await self.call("POST", "/provision/acestream", {"labels": {"who": "test"}, "env": {}})
         self.assertEqual(code, 200)
-        self.assertTrue(waiting.called)
-        self.assertGreaterEqual(reactor.seconds() - self.orch.provision_calls[0], 0.25)
+        self.assertTrue(waiting.called)  # answered once the engine was there
         handle = self.orch.provisioned[0]
         self.assertEqual(handle.labels, {"who": "test"})
         self.assertTrue(handle.ready)
@@ -652,25 +635,6 @@ class StatusLagTests(OrchestratorTestCase):
         self.assertEqual(self.orch.status_lag, 0)
 
 
-class StatusLagCatchUpTests(OrchestratorTestCase):
-    options = {"status_lag": 0.5}
-
-    async def test_catches_up_after_the_lag(self) -> None:
-        self.assertEqual(self.orch.status_lag, 0.5)
-        before = reactor.seconds()
-        self.orch.add_engine()
-        seen: List[int] = []
-
-        async def listed() -> bool:
-            seen.append((await self.status())["engines"]["total"])
-            return seen[-1] == 1
-
-        await poll(listed, "the lagged status to list the engine")
-        self.assertGreaterEqual(reactor.seconds() - before, 0.5 - 1e-6)  # never earlier than the lag
-        self.assertEqual(seen, sorted(seen))  # no going back and forth
-        self.assertEqual(self.orch.status_document()["engines"]["total"], 1)
-
-
 class StatusLagClockTests(TestCase):
     """The lag's time arithmetic on a fake clock (the orchestrator never listens)."""
 
@@ -768,3 +732,98 @@ class LifecycleTests(OrchestratorTestCase):
         self.assertEqual((args.status_lag, args.replica_limit), (2.5, "gluetun"))
         with self.assertRaises(SystemExit):
             _arguments(["--replica-limit", "docker"])
+
+
+class ClockTests(SynchronousTestCase):
+    """What only changes with time, on a ``task.Clock`` with the HTTP API
+    served in memory: exact, and nothing waits or polls."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.orch = SimOrchestrator(self.clock, api_key=KEY)
+        self.http = Clocked(self.orch._site.resource, self.clock)
+
+    def call(self, method: str, path: str, body: Any = None) -> Deferred:
+        """Fires with (status, JSON body) once answered."""
+        headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        data = json.dumps(body).encode() if body is not None else None
+        d = self.http.request(method, "http://orchestrator" + path, headers=headers, data=data)
+        return d.addCallback(lambda r: self.http.body(r).addCallback(lambda raw: (r.code, json.loads(raw))))
+
+    def answer(self, d: Deferred) -> Tuple[int, Any]:
+        self.http.advance(0)
+        return self.successResultOf(d)
+
+    def provision(self) -> Deferred:
+        return self.call("POST", "/provision/acestream", {"labels": {}, "env": {}})
+
+    def status(self) -> Dict[str, Any]:
+        code, doc = self.answer(self.call("GET", "/orchestrator/status"))
+        self.assertEqual(code, 200)
+        return doc
+
+    def test_provision_delay(self) -> None:
+        self.orch.provision_delay = 0.3
+        d = self.provision()
+        self.http.advance(0.29)
+        self.assertNoResult(d)
+        self.assertEqual(self.orch.provisioned, [])
+        self.http.advance(0.01)
+        self.assertEqual(self.answer(d)[0], 200)
+        [handle] = self.orch.provisioned
+        self.assertTrue(handle.ready)
+
+    def test_provisioned_engine_is_ready_after_the_delay(self) -> None:
+        self.orch.engine_ready_delay = 0.8
+        code, _ = self.answer(self.provision())  # answered at once...
+        self.assertEqual(code, 200)
+        [handle] = self.orch.provisioned
+        self.http.advance(0.79)
+        self.assertFalse(handle.ready)  # ...the engine refuses connections until the delay is over
+        self.assertEqual(handle.health_status, "unknown")
+        self.http.advance(0.01)
+        self.assertTrue(handle.ready)
+        self.assertEqual(handle.health_status, "healthy")
+
+    def test_breaker_counts_down_and_stays_open_at_zero(self) -> None:
+        self.orch.open_breaker(1)
+
+        def eta() -> int:
+            return self.status()["provisioning"]["blocked_reason_details"]["recovery_eta_seconds"]
+
+        self.assertEqual(eta(), 1)
+        self.http.advance(0.5)
+        self.assertEqual(eta(), 1)  # whole seconds, rounded up
+        self.http.advance(0.5)
+        self.assertEqual(eta(), 0)
+        self.http.advance(60)
+        doc = self.status()
+        self.assertEqual(doc["provisioning"]["circuit_breaker_state"], "open")
+        self.assertFalse(doc["provisioning"]["can_provision"])
+        self.assertEqual(eta(), 0)
+        code, body = self.answer(self.provision())
+        detail = body["detail"]
+        self.assertEqual((code, detail["code"], detail["recovery_eta_seconds"]), (503, "circuit_breaker", 0))
+
+        self.orch.close_breaker()
+        self.assertEqual(self.status()["provisioning"]["circuit_breaker_state"], "closed")
+        self.assertEqual(self.answer(self.provision())[0], 200)
+
+    def test_lagged_status_catches_up_after_the_lag(self) -> None:
+        self.orch = SimOrchestrator(self.clock, api_key=KEY, status_lag=0.5)
+        self.http = Clocked(self.orch._site.resource, self.clock)
+        self.orch.add_engine()  # at t=0
+
+        def listed() -> int:
+            return self.status()["engines"]["total"]
+
+        seen = []
+        for t in (0, 0.25, 0.49):
+            self.http.advance(t - self.clock.seconds())
+            seen.append(listed())
+        self.assertEqual(seen, [0, 0, 0])  # never before the lag
+        self.http.advance(0.5 - self.clock.seconds())
+        self.assertEqual(listed(), 1)  # then at once, and for good
+        self.http.advance(10)
+        self.assertEqual(listed(), 1)
+        self.assertEqual(self.orch.status_document()["engines"]["total"], 1)
