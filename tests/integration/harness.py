@@ -27,7 +27,8 @@ from twisted.web.http import PotentialDataLoss
 from treq.client import HTTPClient
 
 from acexy_tw.config import load_config
-from acexy_tw.service import AcexyService, make_pool
+from acexy_tw.build import make_pool
+from acexy_tw.service import AcexyService, make_service
 from acexy_tw.sim.engine import SimEngine
 
 reactor: Any = _reactor
@@ -79,10 +80,10 @@ async def start_proxy(test: Any, engine: SimEngine, **settings: str) -> RunningP
     }
     options.update({k.replace("_", "-"): v for k, v in settings.items()})
     config = load_config({}, options)
-    service = AcexyService(config, reactor)
+    service = make_service(config, reactor)
     service.startService()
     test.addCleanup(lambda: within(service.stopService()))
-    port = await within(service.listener.when_listening())
+    port = await within(service.when_listening())
     return RunningProxy(service, port.getHost().port)
 
 

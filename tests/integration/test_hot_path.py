@@ -16,7 +16,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from acexy_tw.service import ENGINE_READ_SIZE
+from acexy_tw.build import ENGINE_READ_SIZE
 from acexy_tw.streaming.mpegts import PACKET_SIZE
 from acexy_tw.streaming.upstream import EngineConnection
 from acexy_tw._twisted_compat import write_through

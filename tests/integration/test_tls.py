@@ -20,7 +20,7 @@ from treq.client import HTTPClient
 
 from acexy_tw.streaming.mpegts import PACKET_SIZE
 from tests.integration.harness import CID, Player, reactor, sim_engine, start_proxy, within
-from acexy_tw.service import make_pool
+from acexy_tw.build import make_pool
 
 
 def self_signed(directory: str) -> tuple[str, bytes]:
