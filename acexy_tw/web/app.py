@@ -24,7 +24,7 @@ from acexy_tw.engine import NoEngine
 from acexy_tw.engine import discard_body
 from acexy_tw.streaming.hls import HlsSessions, SegmentRelay
 from acexy_tw.streaming.registry import SessionRegistry
-from acexy_tw.streaming.session import EngineSession, ShuttingDown
+from acexy_tw.streaming.session import ShuttingDown
 from acexy_tw.streaming.sink import ClientSink
 
 log = get_logger(__name__)

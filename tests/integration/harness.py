@@ -30,6 +30,7 @@ from acexy_tw.config import load_config
 from acexy_tw.build import make_pool
 from acexy_tw.service import AcexyService, make_service
 from acexy_tw.sim.engine import SimEngine
+from acexy_tw.sim.orchestrator import SimOrchestrator
 
 reactor: Any = _reactor
 
@@ -85,6 +86,24 @@ async def start_proxy(test: Any, engine: SimEngine, **settings: str) -> RunningP
     test.addCleanup(lambda: within(service.stopService()))
     port = await within(service.when_listening())
     return RunningProxy(service, port.getHost().port)
+
+
+def sim_orchestrator(test: Any, *, api_key: str, **kwargs: Any) -> SimOrchestrator:
+    """A listening SimOrchestrator, shut down (engines too) at test end."""
+    orch = SimOrchestrator(reactor, api_key=api_key, **kwargs)
+    orch.listen(0, "127.0.0.1")
+    test.addCleanup(lambda: within(orch.shutdown()))
+    return orch
+
+
+async def orchestrated_proxy(test: Any, orch: SimOrchestrator, **settings: str) -> tuple[RunningProxy, SimEngine]:
+    """The proxy placing through ``orch`` with its key, a fallback engine
+    beside it; returns once the first status poll has been answered."""
+    fallback = sim_engine(test, bitrate=2_000_000)
+    settings.setdefault("health_interval", "30s")
+    proxy = await start_proxy(test, fallback, orch_url=orch.url, orch_apikey=orch.api_key, **settings)
+    await wait_until(lambda: proxy.service.monitor.reachable is not None, "the first status poll")
+    return proxy, fallback
 
 
 class Player(Protocol):

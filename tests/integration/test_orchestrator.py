@@ -16,14 +16,13 @@ from twisted.trial.unittest import TestCase
 
 from acexy_tw.sim.orchestrator import SimOrchestrator
 from acexy_tw.streaming.mpegts import PACKET_SIZE
+from tests.integration import harness
 from tests.integration.harness import (
+    orchestrated_proxy,
     Player,
     cid,
     get_json,
     get_text,
-    reactor,
-    sim_engine,
-    start_proxy,
     wait_until,
     within,
 )
@@ -32,26 +31,14 @@ KEY = "k3y-that-must-never-leak-0123456789"
 
 
 def sim_orchestrator(test: TestCase, **kwargs) -> SimOrchestrator:
-    orch = SimOrchestrator(reactor, api_key=KEY, **kwargs)
-    orch.listen(0, "127.0.0.1")
-    test.addCleanup(lambda: within(orch.shutdown()))
-    return orch
+    return harness.sim_orchestrator(test, api_key=KEY, **kwargs)
 
 
 async def proxy_with(test: TestCase, orch: SimOrchestrator, **settings: str):
-    fallback = sim_engine(test, bitrate=2_000_000)
-    proxy = await start_proxy(
-        test,
-        fallback,
-        orch_url=orch.url,
-        orch_apikey=KEY,
-        health_interval=settings.pop("health_interval", "30s"),
-        outage_poll_interval=settings.pop("outage_poll_interval", "1s"),
-        queue_size=settings.pop("queue_size", "0"),
-        **settings,
-    )
-    await wait_until(lambda: proxy.service.monitor.reachable is not None, "the first status poll")
-    return proxy, fallback
+    """No wait queue here (ACEXY_QUEUE_SIZE=0): refusals reach the player."""
+    settings.setdefault("outage_poll_interval", "1s")
+    settings.setdefault("queue_size", "0")
+    return await orchestrated_proxy(test, orch, **settings)
 
 
 class ProvisioningTests(TestCase):

@@ -28,14 +28,13 @@ from acexy_tw.sim.orchestrator import SimEngineHandle, SimOrchestrator
 from acexy_tw.sim.tsgen import TSGenerator
 from acexy_tw.streaming.fanout import KEEPALIVE
 from acexy_tw.streaming.mpegts import NULL_PACKET, PACKET_SIZE
+from tests.integration import harness
 from tests.integration.harness import (
+    orchestrated_proxy,
     ffprobe_capture,
     TSPlayer,
     cid,
     get_json,
-    reactor,
-    sim_engine,
-    start_proxy,
     wait_until,
     within,
 )
@@ -59,21 +58,14 @@ STREAM_START = engine_stream(8)
 
 
 def sim_orchestrator(test: TestCase, **kwargs: Any) -> SimOrchestrator:
-    orch = SimOrchestrator(reactor, api_key=KEY, **kwargs)
-    orch.listen(0, "127.0.0.1")
-    test.addCleanup(lambda: within(orch.shutdown()))
-    return orch
+    return harness.sim_orchestrator(test, api_key=KEY, **kwargs)
 
 
 async def proxy_with(test: TestCase, orch: SimOrchestrator, **settings: str):
     """The proxy placing through ``orch`` (fast keepalive and outage polling)."""
-    fallback = sim_engine(test, bitrate=2_000_000)
-    settings.setdefault("health_interval", "30s")
     settings.setdefault("outage_poll_interval", "200ms")
     settings.setdefault("keepalive_interval", "200ms")
-    proxy = await start_proxy(test, fallback, orch_url=orch.url, orch_apikey=KEY, **settings)
-    await wait_until(lambda: proxy.service.monitor.reachable is not None, "the first status poll")
-    return proxy, fallback
+    return await orchestrated_proxy(test, orch, **settings)
 
 
 def engines_asked_for(orch: SimOrchestrator, content_id: str, *extra: Any) -> int:

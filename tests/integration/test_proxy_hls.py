@@ -11,8 +11,16 @@ from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from acexy_tw.sim.orchestrator import SimOrchestrator
-from tests.integration.harness import CID, get_text, http_client, reactor, sim_engine, start_proxy, wait_until, within
+from tests.integration.harness import (
+    CID,
+    get_text,
+    http_client,
+    sim_engine,
+    sim_orchestrator,
+    start_proxy,
+    wait_until,
+    within,
+)
 
 
 def hls_engine(test: TestCase):
@@ -119,9 +127,7 @@ class HlsTests(TestCase):
 
 class HlsNeverHeldTests(TestCase):
     async def test_blocked_orchestrator_is_a_503_with_retry_after_not_a_hold(self) -> None:
-        orch = SimOrchestrator(reactor, api_key="k-hls-0000")
-        orch.listen(0, "127.0.0.1")
-        self.addCleanup(lambda: within(orch.shutdown()))
+        orch = sim_orchestrator(self, api_key="k-hls-0000")
         orch.set_vpn(connected=False)
         fallback = hls_engine(self)
         proxy = await start_proxy(self, fallback, orch_url=orch.url, orch_apikey="k-hls-0000")
@@ -142,9 +148,7 @@ class HlsNeverHeldTests(TestCase):
 
 class HlsEventTests(TestCase):
     async def test_hls_sessions_are_reported_to_the_orchestrator(self) -> None:
-        orch = SimOrchestrator(reactor, api_key="k-hls-0001")
-        orch.listen(0, "127.0.0.1")
-        self.addCleanup(lambda: within(orch.shutdown()))
+        orch = sim_orchestrator(self, api_key="k-hls-0001")
         handle = orch.add_engine()
         fallback = hls_engine(self)
         proxy = await start_proxy(self, fallback, orch_url=orch.url, orch_apikey="k-hls-0001", linger="300ms")

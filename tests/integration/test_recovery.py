@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from acexy_tw.streaming.mpegts import PACKET_SIZE
-from tests.integration.harness import TSPlayer, cid, get_json, get_text, reactor, sim_engine, start_proxy, wait_until, within
+from tests.integration.harness import TSPlayer, cid, get_json, get_text, sim_engine, start_proxy, wait_until, within
 from tests.integration.test_outages import KEY, proxy_with, sim_orchestrator
 
 log = Logger()
