@@ -331,14 +331,7 @@ class EngineClient:
 
     async def _command(self, info: PlaybackInfo, method: str) -> None:
         sep = "&" if urlsplit(info.command_url).query else "?"
-        response = await self._get(f"{info.command_url}{sep}method={method}")
-        body = await read_body(response)
-        if response.code != 200:
-            raise EngineError(f"engine {method} answered {response.code}: {_text(body)}")
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            raise EngineError(f"engine {method} answered {_text(body)!r}") from None
+        doc = await self._read_json(f"{info.command_url}{sep}method={method}", f"engine {method}")
         if isinstance(doc, dict) and doc.get("error"):
             raise EngineError(f"engine {method} error: {str(doc['error'])[:300]}")
 
@@ -359,17 +352,21 @@ class EngineClient:
         )
 
     async def _json(self, url: str) -> dict:
-        response = await self._get(url)
-        body = await read_body(response)
-        if response.code != 200:
-            raise EngineError(f"engine answered {response.code}: {_text(body)}")
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            raise EngineError(f"engine answered non-JSON: {_text(body)!r}") from None
+        doc = await self._read_json(url, "engine")
         if not isinstance(doc, dict):
             raise EngineError("engine answered unexpected JSON")
         return doc
+
+    async def _read_json(self, url: str, who: str) -> Any:
+        """GET ``url``: its JSON body, or an EngineError for a non-200 or non-JSON answer."""
+        response = await self._get(url)
+        body = await read_body(response)
+        if response.code != 200:
+            raise EngineError(f"{who} answered {response.code}: {_text(body)}")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise EngineError(f"{who} answered non-JSON: {_text(body)!r}") from None
 
     # -- plumbing --------------------------------------------------------------
 

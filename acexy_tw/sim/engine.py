@@ -60,9 +60,8 @@ import hashlib
 import json
 import re
 import secrets
-import sys
 from copy import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTCP, IReactorTime
@@ -71,6 +70,7 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from acexy_tw.sim.cli import run
 from acexy_tw.sim.conditions import Conditions
 from acexy_tw.sim.hls import HlsStream, check_timing
 from acexy_tw.sim.model import Behaviour, SimSession
@@ -843,28 +843,27 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run a simulated engine until interrupted."""
     args = _arguments(argv)
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    engine = SimEngine(
-        reactor,
-        bitrate=None if args.flat_out else args.bitrate,
-        advertise_host=args.advertise_host,
-        advertise_port=args.advertise_port,
-        behaviour=Behaviour(playback_delay=args.prebuffer),
-        hls_segment_duration=args.hls_segment,
-        hls_direct=args.hls_direct,
-    )
-    engine.listen(args.port, args.interface)
-    reactor.addSystemEventTrigger("before", "shutdown", engine.close)
-    rate = "flat out" if args.flat_out else f"{args.bitrate} bit/s"
-    print(
-        f"simulated AceStream engine on {engine.url} ({rate}), "
-        f"advertising {args.advertise_host}:{args.advertise_port}",
-        flush=True,
-    )
-    reactor.run()
+    def start(reactor: Any) -> Any:
+        engine = SimEngine(
+            reactor,
+            bitrate=None if args.flat_out else args.bitrate,
+            advertise_host=args.advertise_host,
+            advertise_port=args.advertise_port,
+            behaviour=Behaviour(playback_delay=args.prebuffer),
+            hls_segment_duration=args.hls_segment,
+            hls_direct=args.hls_direct,
+        )
+        engine.listen(args.port, args.interface)
+        rate = "flat out" if args.flat_out else f"{args.bitrate} bit/s"
+        print(
+            f"simulated AceStream engine on {engine.url} ({rate}), "
+            f"advertising {args.advertise_host}:{args.advertise_port}",
+            flush=True,
+        )
+        return engine.close
+
+    run(start)
 
 
 if __name__ == "__main__":

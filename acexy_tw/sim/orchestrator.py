@@ -67,7 +67,6 @@ import copy
 import json
 import math
 import secrets
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -80,6 +79,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from acexy_tw.sim.cli import run
 from acexy_tw.sim.conditions import Conditions
 from acexy_tw.sim.engine import SimEngine, SimSite
 
@@ -1225,29 +1225,28 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run a simulated orchestrator until interrupted."""
     args = _arguments(argv)
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    orch = SimOrchestrator(
-        reactor,
-        api_key=args.api_key,
-        max_replicas=args.max_replicas,
-        min_replicas=args.min_replicas,
-        engine_bitrate=args.bitrate,
-        provision_delay=args.provision_delay,
-        engine_ready_delay=args.engine_ready_delay,
-        status_lag=args.status_lag,
-        replica_limit=args.replica_limit,
-    )
-    orch.listen(args.port, args.interface)
-    for _ in range(args.engines):
-        orch.add_engine()
-    reactor.addSystemEventTrigger("before", "shutdown", orch.shutdown)
-    print(f"simulated acestream-orchestrator on {orch.url} (API key {args.api_key!r})", flush=True)
-    for handle in orch.engines:
-        print(f"  engine {handle.container_name} on {handle.engine.url}", flush=True)
-    reactor.run()
+    def start(reactor: Any) -> Any:
+        orch = SimOrchestrator(
+            reactor,
+            api_key=args.api_key,
+            max_replicas=args.max_replicas,
+            min_replicas=args.min_replicas,
+            engine_bitrate=args.bitrate,
+            provision_delay=args.provision_delay,
+            engine_ready_delay=args.engine_ready_delay,
+            status_lag=args.status_lag,
+            replica_limit=args.replica_limit,
+        )
+        orch.listen(args.port, args.interface)
+        for _ in range(args.engines):
+            orch.add_engine()
+        print(f"simulated acestream-orchestrator on {orch.url} (API key {args.api_key!r})", flush=True)
+        for handle in orch.engines:
+            print(f"  engine {handle.container_name} on {handle.engine.url}", flush=True)
+        return orch.shutdown
+
+    run(start)
 
 
 if __name__ == "__main__":
