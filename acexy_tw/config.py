@@ -438,6 +438,21 @@ def parse_queue_size(text: str) -> int:
     return int(text)
 
 
+def _whole(text: str, low: int, high: int) -> int:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+        raise ValueError(f"must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def parse_max_sessions(text: str) -> int:
+    return _whole(text, 1, 10000)
+
+
+def parse_max_connections(text: str) -> int:
+    return _whole(text, 8, 1_000_000)
+
+
 def parse_failover_attempts(text: str) -> int:
     text = text.strip()
     if not (text.isascii() and text.isdigit()) or int(text) > 20:
@@ -711,6 +726,43 @@ SETTINGS: tuple[Setting, ...] = (
         parser=parse_positive_duration,
         help="Real data flowing this long ends a failover incident and restores its attempts",
     ),
+    # -- limits: nothing a stranger sends costs more than a request ------------
+    Setting(
+        field="max_backlog",
+        env="ACEXY_MAX_BACKLOG",
+        aliases=(),
+        option="max-backlog",
+        default="64MiB",
+        parser=parse_buffer_size,
+        help="Bytes queued for all players together; past it the players furthest behind are cut first",
+    ),
+    Setting(
+        field="max_sessions",
+        env="ACEXY_MAX_SESSIONS",
+        aliases=(),
+        option="max-sessions",
+        default="32",
+        parser=parse_max_sessions,
+        help="Engine sessions (TS and HLS) open at once; a new content past it gets 503 with Retry-After",
+    ),
+    Setting(
+        field="header_timeout",
+        env="ACEXY_HEADER_TIMEOUT",
+        aliases=(),
+        option="header-timeout",
+        default="10s",
+        parser=parse_positive_duration,
+        help="A connection that has not sent complete request headers within this is closed",
+    ),
+    Setting(
+        field="max_connections",
+        env="ACEXY_MAX_CONNECTIONS",
+        aliases=(),
+        option="max-connections",
+        default="1024",
+        parser=parse_max_connections,
+        help="Player connections open at once; beyond it new ones get 503 and are closed",
+    ),
     # -- operations -------------------------------------------------------------
     Setting(
         field="token",
@@ -778,6 +830,10 @@ class Config:
     wait_mode: str = "hold"
     failover_attempts: int = 3
     failover_reset: float = 30.0
+    max_backlog: int = 64 * 1024 * 1024
+    max_sessions: int = 32
+    header_timeout: float = 10.0
+    max_connections: int = 1024
     token: Optional[str] = field(default=None, repr=False)  # secret: never in repr/logs
     m3u8: bool = False
     log_format: str = "text"
