@@ -18,5 +18,5 @@ setup(
         "pyopenssl>=24.0.0",
         "prometheus_client>=0.20",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "pyyaml>=6"]},
+    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "pyyaml>=6", "hypothesis>=6.100"]},
 )

@@ -54,6 +54,25 @@ Quiet engine connections read in large pieces: :func:`quiet_pool`
     (connections log "Starting factory" and read 64 KiB); without
     ``HAS_READ_SIZE`` only ``bufferSize`` is left alone.
 
+Bounded response headers on engine connections: ``header_limit`` of :func:`quiet_pool`
+    Twisted's HTTP client parser (``twisted.web._newclient.HTTPParser``)
+    bounds each line (``LineReceiver.MAX_LENGTH``, 16 KiB) but not how many
+    header lines a response has: an engine sending 200,000 headers cost the
+    proxy +31 MiB. The pool's protocol wraps the ``lineReceived`` of the
+    parser that ``HTTP11ClientProtocol.request`` stores as ``_parser``
+    (private), counting the status and header lines and their bytes; past
+    the limit it raises :class:`ResponseHeadersTooLarge`, which the protocol
+    turns into a failed response and a closed connection (its own
+    ``dataReceived`` error path). Each line is also bounded by the byte limit
+    (``MAX_LENGTH``, a public attribute).
+    Feature test (``HAS_HEADER_LIMIT``, when read or on the first
+    :func:`quiet_pool` asking for it): a request on a protocol over a
+    ``StringTransport`` gets a response of too many headers: the response
+    fails with ``ResponseHeadersTooLarge`` and the transport is closed; a
+    normal response on another still arrives.
+    Fallback: no limit on the header count (lines stay bounded by Twisted's
+    16 KiB), with a warning; also what a plain pool (no ``HAS_QUIET_POOL``) gets.
+
 pyOpenSSL left unloaded: :func:`leave_tls_unloaded`
     ``sys.modules["OpenSSL"] = None`` before Twisted's TCP module is imported,
     so that Twisted takes pyOpenSSL as not installed and builds its transports
@@ -62,6 +81,18 @@ pyOpenSSL left unloaded: :func:`leave_tls_unloaded`
     nor ``twisted.internet.tcp`` is loaded yet, and ``twisted.internet.tcp``
     and ``twisted.web.client`` then import without it.
     Fallback: the marker is taken back and pyOpenSSL loads as usual.
+
+twistd's log file, for SIGHUP: :func:`log_files`
+    ``LogPublisher._observers`` (the observers twistd gave the global
+    publisher) and ``FileLogObserver._outFile`` (the file each writes to): no
+    public API hands out the ``LogFile`` that ``twistd --logfile`` opened, and
+    the service reopens it on SIGHUP (``BaseLogFile.reopen``, public) after
+    logrotate has moved it.
+    Feature test (``HAS_LOG_FILES``, on read): a ``textFileLogObserver`` on a
+    ``BaseLogFile`` (one that opens no file) added to a fresh
+    ``LogPublisher`` is found, and one on a plain stream is not.
+    Fallback: no log files known; SIGHUP then reopens nothing (and still
+    never ends the process).
 
 Import cost: ``acexy_tw.tap`` imports this module before the reactor and
 before :func:`leave_tls_unloaded`, and both ``twisted.internet.tcp`` and
@@ -81,6 +112,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 
 from acexy_tw.logs import get_logger
 
@@ -88,13 +120,17 @@ if TYPE_CHECKING:
     from twisted.web.client import HTTPConnectionPool
 
 __all__ = [
+    "HAS_HEADER_LIMIT",
+    "HAS_LOG_FILES",
     "HAS_QUIET_POOL",
     "HAS_READ_SIZE",
     "HAS_WRITE_BUFFER",
     "HAS_WRITE_THROUGH",
     "POOL_SETTINGS",
+    "ResponseHeadersTooLarge",
     "TLS_LOADING_MODULES",
     "leave_tls_unloaded",
+    "log_files",
     "quiet_pool",
     "unsent_bytes",
     "write_through",
@@ -320,9 +356,15 @@ def _quiet_factory_type() -> type:
     from twisted.web.client import HTTP11ClientProtocol, _HTTP11ClientFactory
 
     class ClientProtocol(HTTP11ClientProtocol):
-        def __init__(self, quiescentCallback: Callable[[Any], None], read_size: Optional[int]) -> None:
+        def __init__(
+            self,
+            quiescentCallback: Callable[[Any], None],
+            read_size: Optional[int],
+            header_limit: Optional[tuple[int, int]] = None,
+        ) -> None:
             super().__init__(quiescentCallback)
             self._acexy_read_size = read_size
+            self._acexy_header_limit = header_limit
 
         def connectionMade(self) -> None:
             super().connectionMade()
@@ -330,16 +372,32 @@ def _quiet_factory_type() -> type:
                 # ``bufferSize``: what the TCP transport's doRead asks recv() for.
                 self.transport.bufferSize = self._acexy_read_size
 
+        def request(self, request: Any) -> Deferred[Any]:
+            d = super().request(request)
+            parser = getattr(self, "_parser", None)
+            if self._acexy_header_limit is not None and parser is not None:
+                _limit_header_lines(parser, *self._acexy_header_limit)
+            return d
+
     class QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
         # Every engine connection would log "Starting factory" (STYLE.md pitfall 14).
         noisy = False
 
-        def __init__(self, quiescentCallback: Any, metadata: Any, read_size: Optional[int] = None) -> None:
+        def __init__(
+            self,
+            quiescentCallback: Any,
+            metadata: Any,
+            read_size: Optional[int] = None,
+            header_limit: Optional[tuple[int, int]] = None,
+        ) -> None:
             super().__init__(quiescentCallback, metadata)
             self._acexy_read_size = read_size
+            self._acexy_header_limit = header_limit
 
         def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-            return ClientProtocol(self._quiescentCallback, self._acexy_read_size)
+            return ClientProtocol(self._quiescentCallback, self._acexy_read_size, self._acexy_header_limit)
+
+    QuietClientFactory.protocol_type = ClientProtocol  # for the feature test
 
     return QuietClientFactory
 
@@ -385,10 +443,76 @@ def _probe_read_size() -> bool:
         return False
 
 
-def quiet_pool(reactor: Any, *, read_size: int, persistent: bool = True, **pool_settings: Any) -> HTTPConnectionPool:
+class ResponseHeadersTooLarge(Exception):
+    """A response had more header lines or header bytes than allowed."""
+
+
+def _limit_header_lines(parser: Any, max_lines: int, max_bytes: int) -> None:
+    """Bound the status and header lines ``parser`` takes: at most
+    ``max_lines`` headers (plus the status line) and ``max_bytes`` in all."""
+    original = parser.lineReceived
+    seen = [0, 0]  # lines, bytes
+    parser.MAX_LENGTH = min(getattr(parser, "MAX_LENGTH", max_bytes), max_bytes)
+
+    def lineReceived(line: bytes) -> None:
+        if getattr(parser, "state", None) in ("STATUS", "HEADER"):
+            seen[0] += 1
+            seen[1] += len(line) + 1
+            if seen[0] > max_lines + 2 or seen[1] > max_bytes:  # + status line + blank line
+                raise ResponseHeadersTooLarge(
+                    f"response headers exceed {max_lines} lines or {max_bytes} bytes"
+                )
+        original(line)
+
+    parser.lineReceived = lineReceived
+
+
+def _probe_header_limit() -> bool:
+    """Whether the pool's protocol refuses a response of too many headers,
+    and still takes a normal one."""
+    try:
+        from twisted.internet.testing import StringTransport
+        from twisted.web.client import ResponseFailed
+        from twisted.web._newclient import Request
+        from twisted.web.http_headers import Headers
+
+        protocol_type = _quiet_factory_type().protocol_type
+
+        def respond(head: bytes) -> tuple[list[Any], StringTransport]:
+            transport = StringTransport()
+            protocol = protocol_type(lambda p: None, None, (4, 1024))
+            protocol.makeConnection(transport)
+            outcome: list[Any] = []
+            d = protocol.request(Request(b"GET", b"/", Headers({b"host": [b"probe"]}), None))
+            d.addBoth(outcome.append)
+            protocol.dataReceived(head)
+            return outcome, transport
+
+        ok, _ = respond(b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nContent-Length: 0\r\n\r\n")
+        if len(ok) != 1 or getattr(ok[0], "code", None) != 200:
+            return False
+        bad, transport = respond(b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 5000)
+        if len(bad) != 1 or not isinstance(bad[0], Failure) or not bad[0].check(ResponseFailed):
+            return False
+        reasons = getattr(bad[0].value, "reasons", [])
+        return any(r.check(ResponseHeadersTooLarge) for r in reasons) and transport.disconnecting
+    except Exception:
+        return False
+
+
+def quiet_pool(
+    reactor: Any,
+    *,
+    read_size: int,
+    persistent: bool = True,
+    header_limit: Optional[tuple[int, int]] = None,
+    **pool_settings: Any,
+) -> HTTPConnectionPool:
     """
     An ``HTTPConnectionPool`` whose connections are not ``noisy`` and ask
-    ``recv`` for ``read_size`` bytes at a time.
+    ``recv`` for ``read_size`` bytes at a time; with ``header_limit``
+    (``(lines, bytes)``) a response with more header lines or header bytes
+    fails (:class:`ResponseHeadersTooLarge`) and its connection is closed.
 
     ``pool_settings`` are HTTPConnectionPool's public ivars
     (:data:`POOL_SETTINGS`: ``maxPersistentPerHost``,
@@ -410,7 +534,12 @@ def quiet_pool(reactor: Any, *, read_size: int, persistent: bool = True, **pool_
     sized = _probe_read_size()
     if not sized:
         _warn_fallback("tcp.Connection's bufferSize", "engine connections read Twisted's 64 KiB")
-    pool._factory = functools.partial(_quiet_factory_type(), read_size=read_size if sized else None)
+    if header_limit is not None and not _probe_header_limit():
+        _warn_fallback("HTTP11ClientProtocol's response parser", "engine response headers are not counted")
+        header_limit = None
+    pool._factory = functools.partial(
+        _quiet_factory_type(), read_size=read_size if sized else None, header_limit=header_limit
+    )
     return pool
 
 
@@ -450,17 +579,80 @@ def leave_tls_unloaded() -> bool:
     return True
 
 
+# --- twistd's log file -----------------------------------------------------------
+
+
+def _files_of(publisher: Any) -> list[Any]:
+    from twisted.python.logfile import BaseLogFile
+
+    found = []
+    for observer in list(getattr(publisher, "_observers", ())):
+        out = getattr(observer, "_outFile", None)
+        if isinstance(out, BaseLogFile) and out not in found:
+            found.append(out)
+    return found
+
+
+def _probe_log_files() -> bool:
+    """Whether :func:`log_files` finds a ``LogFile`` behind a text observer, and only that."""
+    try:
+        import io
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+        from twisted.python.logfile import BaseLogFile
+
+        class StandInLogFile(BaseLogFile):
+            def __init__(self) -> None:  # opens nothing
+                self._file = io.StringIO()
+                self.closed = False
+
+            def _openFile(self) -> None:
+                self._file = io.StringIO()
+
+        publisher = LogPublisher()
+        standin = StandInLogFile()
+        publisher.addObserver(textFileLogObserver(io.StringIO()))
+        publisher.addObserver(textFileLogObserver(standin))  # type: ignore[arg-type]
+        return _files_of(publisher) == [standin]
+    except Exception:
+        return False
+
+
+def log_files(publisher: Any = None) -> list[Any]:
+    """
+    The ``twisted.python.logfile.BaseLogFile`` objects the log observers of
+    ``publisher`` (the global one by default) write to: the file of
+    ``twistd --logfile``; none when twistd logs to stdout or a ``--logger``.
+    Empty without ``HAS_LOG_FILES`` (warned once).
+    """
+    global _log_files_checked
+    if _log_files_checked is None:
+        _log_files_checked = _probe_log_files()
+        if not _log_files_checked:
+            _warn_fallback("the log publisher's observers", "SIGHUP reopens no log file")
+    if not _log_files_checked:
+        return []
+    if publisher is None:
+        from twisted.logger import globalLogPublisher as publisher
+    return _files_of(publisher)
+
+
+_log_files_checked: Optional[bool] = None
+
+
 # --- flags computed on read -----------------------------------------------------
 
 _FLAGS_ON_READ: dict[str, Callable[[], bool]] = {
     "HAS_WRITE_THROUGH": lambda: _write_through_type() is not _NoFastPath,
     "HAS_QUIET_POOL": _probe_quiet_pool,
     "HAS_READ_SIZE": _probe_read_size,
+    "HAS_HEADER_LIMIT": _probe_header_limit,
+    "HAS_LOG_FILES": _probe_log_files,
 }
 
 
 def __getattr__(name: str) -> bool:
-    """``HAS_WRITE_THROUGH``, ``HAS_QUIET_POOL``, ``HAS_READ_SIZE``: probed when read, see the module docstring."""
+    """``HAS_WRITE_THROUGH``, ``HAS_QUIET_POOL``, ``HAS_READ_SIZE``, ``HAS_HEADER_LIMIT``: probed when read, see the module docstring."""
     probe = _FLAGS_ON_READ.get(name)
     if probe is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,8 +13,9 @@ The order is the dependency order (each line only uses what is above it):
     HTTP pool ─> engine factory ─> fallback engine
     orchestrator client ─> HealthMonitor ─> EventReporter
     Placement(fallback, engine factory, orchestrator, monitor)
-    SessionRegistry(placement, settings, wait settings, monitor, events)  (owns the WaitQueue)
-    HlsSessions(placement, events)
+    SessionLimit(ACEXY_MAX_SESSIONS)          (engine sessions open at once, TS + HLS)
+    SessionRegistry(placement, settings, wait settings, monitor, events, limit)  (owns the WaitQueue)
+    HlsSessions(placement, events, limit)
     Metrics(registry, placement, monitor)
     ProxyApp(registry, metrics, hls, orchestrator status) ─> TokenGuard ─> Site
 
@@ -34,7 +35,7 @@ from treq.client import HTTPClient
 
 from acexy_tw._twisted_compat import quiet_pool
 from acexy_tw.config import Config
-from acexy_tw.engine import EngineAddress, EngineClient
+from acexy_tw.engine import MAX_HEADER_BYTES, MAX_HEADERS, EngineAddress, EngineClient
 from acexy_tw.metrics import Metrics
 from acexy_tw.orchestrator.client import OrchestratorClient
 from acexy_tw.orchestrator.events import EventReporter
@@ -42,6 +43,7 @@ from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.placement import Placement
 from acexy_tw.retry import RetryPolicy
 from acexy_tw.streaming.hls import HlsSessions
+from acexy_tw.streaming.limits import SessionLimit
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.session import SessionSettings
 from acexy_tw.streaming.waiting import WaitSettings
@@ -84,10 +86,12 @@ def make_pool(reactor: Any) -> HTTPConnectionPool:
     """The proxy's own connection pool: quiet ("Starting factory" per engine
     connection, STYLE.md pitfall 14), reading ENGINE_READ_SIZE per recv, and
     never retrying a request by itself (a retried getstream would open a
-    second engine session)."""
+    second engine session); a response with more than MAX_HEADERS headers or
+    MAX_HEADER_BYTES of them fails and its connection is closed."""
     return quiet_pool(
         reactor,
         read_size=ENGINE_READ_SIZE,
+        header_limit=(MAX_HEADERS, MAX_HEADER_BYTES),
         maxPersistentPerHost=8,
         cachedConnectionTimeout=60,
         retryAutomatically=False,
@@ -179,6 +183,7 @@ def build(
         engine_ready_timeout=config.engine_ready_timeout,
         retry=RetryPolicy(3, initial=1.0, cap=10.0, jitter=jitter),
     )
+    limit = SessionLimit(config.max_sessions)
     registry = SessionRegistry(
         placement,
         reactor,
@@ -196,6 +201,7 @@ def build(
         ),
         health=monitor,
         events=events,
+        limit=limit,
     )
     hls = HlsSessions(
         placement,
@@ -203,6 +209,7 @@ def build(
         linger=config.linger,
         on_ready=events.started if events else None,  # reported like TS sessions
         on_closed=events.ended if events else None,
+        limit=limit,
     )
     metrics = Metrics(registry, placement, monitor)
     web = ProxyApp(

@@ -6,57 +6,93 @@ A player's query string (``?id=<40 hex>&transcode_audio=1``) becomes a
 session among all players of the same content. Normalising here is what makes
 ``?id=ABC…`` and ``?id=abc…`` one session instead of two (an acexy defect).
 
-The proxy owns ``format`` and ``pid`` (it sets them itself on the engine
-request; a player's ``pid`` used to make acexy answer 400, so it is now
-accepted and ignored) and reserves ``token`` for access control. Every other
-parameter is passed through to the engine and is part of the key, because it
-can change what the engine sends (e.g. ``transcode_audio``).
+Exactly one content selector: ``id`` (alias of ``content_id``) or
+``infohash``. The engine's other selectors (``url``, ``magnet``, ``data``,
+``direct_url``, ``torrent_url``) are never forwarded; next to an id they are a
+400, alone they are the acexy "no selector" 400.
 
-Untrusted input: every limit is checked before anything is built, and echoed
-values are truncated and ``repr``-escaped so a query string cannot inject
-control characters into a response or a log line. This module knows nothing
-about Twisted or Klein; it takes ``Request.args`` as a plain mapping.
+Only the engine options in :data:`ENGINE_OPTIONS` are forwarded to the
+engine; any other parameter is dropped (a debug log line), so ``&junk=<i>``
+cannot open one engine session per value and nothing a player sends reaches
+the engine unless it is a known option. The options that change what the
+engine plays are part of the key; the others (``force_session_restart``) are
+forwarded when the session starts, and do not make a new session.
+
+The proxy owns ``format`` and ``pid`` (it sets them itself; a player's
+``pid`` made acexy answer 400, so it is accepted and ignored) and reserves
+``token`` for access control. Reserved names and selectors are matched
+case-insensitively: ``PID=``, ``Format=`` or ``ID=`` are not different
+parameters. Values are kept decoded (``Request.args`` is percent-decoded
+once); the engine client encodes them once (``urlencode``).
+
+Untrusted input: every value is bounded, and echoed values are truncated and
+``repr``-escaped so a query string cannot inject control characters into a
+response or a log line. This module knows nothing about Twisted's web or
+reactor; it takes ``Request.args`` as a plain mapping.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Sequence
 from urllib.parse import urlencode
 
+from acexy_tw.logs import get_logger
+
 __all__ = [
     "BadRequest",
     "ContentKey",
-    "MAX_EXTRA_NAME",
+    "ENGINE_OPTIONS",
+    "FOREIGN_SELECTORS",
     "MAX_EXTRA_VALUE",
-    "MAX_EXTRAS",
     "RESERVED_PARAMS",
     "SELECTORS",
     "parse_query",
 ]
 
+log = get_logger(__name__)
+
 #: Query parameter -> key_type (the orchestrator's vocabulary, which is also
 #: the engine's parameter name). ``id`` is the deprecated alias players use.
+#: Matched case-insensitively.
 SELECTORS: Mapping[str, str] = MappingProxyType(
     {"id": "content_id", "content_id": "content_id", "infohash": "infohash"}
 )
 
+#: The engine's other content selectors: the proxy keys sessions by a 40-hex
+#: id, so these are never forwarded (next to an id: 400). Case-insensitive.
+FOREIGN_SELECTORS = frozenset({"url", "magnet", "data", "direct_url", "torrent_url"})
+
 #: Parameters the proxy owns or reserves: dropped, never passed to the engine.
+#: Case-insensitive.
 RESERVED_PARAMS = frozenset({"format", "pid", "token"})
 
-#: Limits on pass-through parameters, so bad input costs nothing.
-MAX_EXTRAS = 32
-MAX_EXTRA_NAME = 64
+#: The engine options forwarded (exact names, as the engine spells them;
+#: AceStream wiki, Engine HTTP API and Playlist API) -> whether the option
+#: changes what the engine plays, i.e. is part of the session key.
+ENGINE_OPTIONS: Mapping[str, bool] = MappingProxyType(
+    {
+        "file_indexes": True,
+        "transcode_audio": True,
+        "transcode_mp3": True,
+        "transcode_ac3": True,
+        "preferred_audio_language": True,
+        "force_session_restart": False,
+    }
+)
+
+#: Longest option value accepted (bad input costs nothing).
 MAX_EXTRA_VALUE = 1024
 MAX_ECHO = 64
+#: dropped parameter names named in one debug line
+_MAX_DROPPED_LOGGED = 8
 
 NO_SELECTOR = "one of `id` or `infohash` must have a value"
 MANY_SELECTORS = "only one of `id` or `infohash` can have a value"
 
 _HEX40_RE = re.compile(r"[0-9a-fA-F]{40}")
-_EXTRA_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class BadRequest(ValueError):
@@ -72,18 +108,22 @@ class ContentKey:
     """
     A normalised stream identity: equal keys share one engine session.
 
-    ``value`` is lower-case 40-hex; ``extras`` are the pass-through
-    parameters sorted by (name, value), so two players asking for the same
-    thing in a different parameter order get equal (and equally hashed) keys.
+    ``value`` is lower-case 40-hex; ``extras`` are the forwarded options that
+    change what the engine plays, sorted by name, so two players asking for
+    the same thing in a different parameter order get equal (and equally
+    hashed) keys. ``options`` are forwarded options that do not change what
+    is played: sent when the session starts, not part of equality or hash.
     """
 
     key_type: str  # "content_id" | "infohash"
     value: str
     extras: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     def engine_params(self) -> list[tuple[str, str]]:
-        """Query parameters for the engine's getstream, before ``format``/``pid``."""
-        return [(self.key_type, self.value), *self.extras]
+        """Query parameters for the engine's getstream, before ``format``/``pid``
+        (decoded; the engine client encodes them once)."""
+        return [(self.key_type, self.value), *sorted(self.extras + self.options)]
 
     def __str__(self) -> str:
         if not self.extras:
@@ -108,52 +148,67 @@ def parse_query(args: Mapping[bytes, Sequence[bytes]]) -> ContentKey:
     """
     The content key named by a query, given as ``twisted.web`` ``Request.args``.
 
-    Exactly one selector (``id``, ``content_id`` or ``infohash``) must have a
-    non-empty value; repeating it with the same value is fine. Raises
+    Exactly one selector (``id``, ``content_id`` or ``infohash``, any case)
+    must have a non-empty value; repeating it with the same value is fine.
+    Each :data:`ENGINE_OPTIONS` entry may have one distinct non-empty value
+    (repeats of it collapse); everything else is dropped. Raises
     :class:`BadRequest` (with acexy's exact texts where acexy has one).
     """
     selected: dict[str, set[str]] = {}  # selector param -> distinct (lower-cased) values
     raw_selected: dict[str, str] = {}  # selector param -> first value as given, for errors
-    extras: list[tuple[str, str]] = []
+    foreign: list[str] = []  # other engine selectors given a value
+    chosen: dict[str, str] = {}  # engine option -> its value
+    dropped: list[str] = []
 
     for raw_name, raw_values in args.items():
         name = _decode(raw_name, "parameter names")
         values = [_decode(v, "values") for v in raw_values]
-        if name in SELECTORS:
+        folded = name.lower()
+        if folded in SELECTORS:
             for v in values:
                 if v:
-                    selected.setdefault(name, set()).add(v.lower())
-                    raw_selected.setdefault(name, v)
+                    selected.setdefault(folded, set()).add(v.lower())
+                    raw_selected.setdefault(folded, v)
             continue
-        if name in RESERVED_PARAMS:
+        if folded in FOREIGN_SELECTORS:
+            if any(values):
+                foreign.append(folded)
             continue
-        if len(name) > MAX_EXTRA_NAME:
-            raise BadRequest(
-                f"query parameter name {_echo(name)} is longer than {MAX_EXTRA_NAME} characters"
-            )
-        if not _EXTRA_NAME_RE.fullmatch(name):
-            raise BadRequest(
-                f"query parameter name {_echo(name)} may only contain "
-                "letters, digits, '_', '.' and '-'"
-            )
+        if folded in RESERVED_PARAMS:
+            continue
+        if name not in ENGINE_OPTIONS:
+            dropped.append(name)
+            continue
         for v in values:
+            if not v:
+                continue
             if len(v) > MAX_EXTRA_VALUE:
                 raise BadRequest(
                     f"query parameter `{name}` has a value longer than {MAX_EXTRA_VALUE} characters"
                 )
-            extras.append((name, v))
-            if len(extras) > MAX_EXTRAS:
-                raise BadRequest(f"too many query parameters (at most {MAX_EXTRAS})")
+            if chosen.setdefault(name, v) != v:
+                raise BadRequest(f"query parameter `{name}` can only have one value")
+
+    if dropped:
+        shown = ", ".join(_echo(n) for n in sorted(dropped)[:_MAX_DROPPED_LOGGED])
+        more = f" and {len(dropped) - _MAX_DROPPED_LOGGED} more" if len(dropped) > _MAX_DROPPED_LOGGED else ""
+        log.debug("query parameters not forwarded to the engine: {names}{more}", names=shown, more=more)
 
     if not selected:
         raise BadRequest(NO_SELECTOR)
     if len(selected) > 1 or any(len(vs) > 1 for vs in selected.values()):
         raise BadRequest(MANY_SELECTORS)
-
     [(param, values)] = selected.items()
+    if foreign:
+        raise BadRequest(
+            f"only one content selector can have a value: `{param}` and `{sorted(foreign)[0]}` were given"
+        )
+
     [value] = values
     if not _HEX40_RE.fullmatch(value):
         raise BadRequest(
             f"`{param}` must be 40 hexadecimal characters, got {_echo(raw_selected[param])}"
         )
-    return ContentKey(SELECTORS[param], value, tuple(sorted(extras)))
+    extras = tuple(sorted((n, v) for n, v in chosen.items() if ENGINE_OPTIONS[n]))
+    options = tuple(sorted((n, v) for n, v in chosen.items() if not ENGINE_OPTIONS[n]))
+    return ContentKey(SELECTORS[param], value, extras, options)

@@ -4,6 +4,16 @@ Talking to one AceStream engine (CONTRACTS.md §1).
 Every call here is bounded in time by the injected clock, and every body is
 read by a small protocol that aborts its connection when cancelled or when the
 body grows past a limit — ``treq.collect`` can do neither (STYLE.md pitfall 3).
+Response headers are bounded too (:data:`MAX_HEADERS`, :data:`MAX_HEADER_BYTES`,
+applied by the connection pool, :func:`acexy_tw._twisted_compat.quiet_pool`).
+
+The getstream URL is built from the decoded parameters of the
+:class:`~acexy_tw.content.ContentKey` (only allowlisted engine options), each
+encoded exactly once by ``urlencode``; ``format`` and ``pid`` are always the
+proxy's own, never taken from a player.
+
+Engine text (error messages, error pages) is shown only through :func:`_text`:
+bounded, and with control characters escaped, in logs and in error bodies.
 """
 
 from __future__ import annotations
@@ -27,6 +37,14 @@ from acexy_tw.content import ContentKey
 
 #: JSON answers are small; anything bigger is not an engine talking.
 MAX_JSON_BODY = 256 * 1024
+
+#: Response headers an engine (or the orchestrator) may send: a real engine
+#: sends about ten. Past either limit the request fails and its connection closes.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 * 1024
+
+#: Parameter names the proxy owns on a getstream: never taken from a key.
+_PROXY_PARAMS = frozenset({"format", "pid"})
 
 
 class EngineError(Exception):
@@ -81,7 +99,7 @@ class EngineAddress:
         """Point an engine-reported URL at the address we actually used."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise EngineError(f"engine sent an unusable URL: {url[:200]!r}")
+            raise EngineError(f"engine sent an unusable URL: {_text(url)!r}")
         return urlunsplit((self.scheme, self.netloc, parts.path, parts.query, ""))
 
 
@@ -149,8 +167,8 @@ def describe(failure: Failure) -> str:
     """A short, human reason for a network failure (no tracebacks, no URLs)."""
     if failure.check(ResponseNeverReceived, ResponseFailed):
         reasons = getattr(failure.value, "reasons", None) or []
-        return "; ".join(r.getErrorMessage() for r in reasons) or failure.getErrorMessage()
-    return failure.getErrorMessage()
+        return _text("; ".join(r.getErrorMessage() for r in reasons) or failure.getErrorMessage())
+    return _text(failure.getErrorMessage())
 
 
 def was_cancelled(failure: Failure) -> bool:
@@ -209,8 +227,39 @@ def bounded(d: Deferred, seconds: float, clock: IReactorTime, what: str) -> Defe
     return deadline(d, seconds, clock, settle)
 
 
-def _text(body: bytes, limit: int = 200) -> str:
-    return body[:limit].decode("utf-8", "replace").strip()
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _text(raw: Any, limit: int = 200) -> str:
+    """
+    Engine text made safe to show: at most ``limit`` characters, stripped,
+    with every non-printable character (CR, LF, ESC, NUL, bidi overrides...)
+    escaped as ``\\xNN``/``\\uNNNN``. The one place engine text is
+    rendered, for log lines and for error bodies alike.
+    """
+    if isinstance(raw, (bytes, bytearray)):
+        text = bytes(raw[: limit * 4]).decode("utf-8", "replace")
+    else:
+        text = str(raw)
+    text = text.strip()
+    shown = text[:limit]
+    safe = "".join(ch if ch.isprintable() else _escape(ch) for ch in shown)
+    return safe + "..." if len(text) > limit else safe
+
+
+def engine_query(key: ContentKey, pid: str) -> str:
+    """
+    The getstream / manifest query for ``key``: ``format=json``, the selector
+    and forwarded options (decoded values, each encoded once here), then the
+    proxy's ``pid``. Names the proxy owns are never taken from the key,
+    whatever their case.
+    """
+    params = [(n, v) for n, v in key.engine_params() if n.lower() not in _PROXY_PARAMS]
+    return urlencode([("format", "json"), *params, ("pid", pid)])
 
 
 class EngineClient:
@@ -269,8 +318,7 @@ class EngineClient:
         return bounded(self._get(url), self.timeout, self._clock, "segment")
 
     async def _start(self, key: ContentKey, route: str) -> PlaybackInfo:
-        query = [("format", "json"), *key.engine_params(), ("pid", uuid.uuid4().hex)]
-        url = f"{self.address.url}/ace/{route}?{urlencode(query)}"
+        url = f"{self.address.url}/ace/{route}?{engine_query(key, uuid.uuid4().hex)}"
         response = await self._get(url)
         body = await read_body(response)
         return self._parse_start(response.code, body)
@@ -283,7 +331,7 @@ class EngineClient:
         if not isinstance(doc, dict):
             raise EngineError(f"engine answered {code} with unexpected JSON")
         if doc.get("error"):
-            raise ContentError(f"engine error: {str(doc['error'])[:300]}")
+            raise ContentError(f"engine error: {_text(doc['error'], 300)}")
         resp = doc.get("response")
         if not isinstance(resp, dict):
             raise EngineError(f"engine answered {code} without a session")
@@ -297,7 +345,7 @@ class EngineClient:
                 is_live=int(resp.get("is_live") or 0),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise EngineError(f"engine session answer is incomplete: {e}") from None
+            raise EngineError(f"engine session answer is incomplete: {_text(str(e))}") from None
 
     # -- playback --------------------------------------------------------------
 
@@ -333,7 +381,7 @@ class EngineClient:
         sep = "&" if urlsplit(info.command_url).query else "?"
         doc = await self._read_json(f"{info.command_url}{sep}method={method}", f"engine {method}")
         if isinstance(doc, dict) and doc.get("error"):
-            raise EngineError(f"engine {method} error: {str(doc['error'])[:300]}")
+            raise EngineError(f"engine {method} error: {_text(doc['error'], 300)}")
 
     def stat(self, info: PlaybackInfo) -> Deferred[dict]:
         return bounded(
@@ -366,7 +414,7 @@ class EngineClient:
         try:
             return json.loads(body)
         except ValueError:
-            raise EngineError(f"{who} answered non-JSON: {_text(body)!r}") from None
+            raise EngineError(f"{who} answered non-JSON: {_text(body)}") from None
 
     # -- plumbing --------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from acexy_tw.content import ContentKey
-from acexy_tw.engine import EngineClient, EngineError, PlaybackInfo
+from acexy_tw.engine import EngineClient, EngineError, NoEngine, PlaybackInfo
 from acexy_tw.logs import get_logger
 
 log = get_logger(__name__)
@@ -211,7 +211,9 @@ class HlsSessions:
         linger: float,
         on_ready: Optional[Callable[[HlsSession], None]] = None,
         on_closed: Optional[Callable[[HlsSession, str], None]] = None,
+        limit: Optional[Any] = None,  # the SessionLimit shared with the TS sessions
     ) -> None:
+        self._limit = limit
         self._on_ready = on_ready
         self._on_closed = on_closed
         self._placement = placement
@@ -233,6 +235,12 @@ class HlsSessions:
             session = HlsSession(
                 key, self._placement, self._clock, linger=self._linger, on_closed=self._closed, on_ready=self._on_ready
             )
+            try:
+                if self._limit is not None:
+                    self._limit.open(session)
+            except NoEngine as e:  # at ACEXY_MAX_SESSIONS: not kept; its ready() fails with the 503
+                session.state, session._error = HlsSession.CLOSED, e
+                return session
             self._by_key[key] = session
             self._by_sid[session.sid] = session
         return session
@@ -244,6 +252,8 @@ class HlsSessions:
         if self._by_key.get(session.key) is session:
             del self._by_key[session.key]
         self._by_sid.pop(session.sid, None)
+        if self._limit is not None:
+            self._limit.close(session)
         self._placement.release(session.key, hls=True)
         if self._on_closed is not None:
             self._on_closed(session, reason)

@@ -19,6 +19,7 @@ from acexy_tw.logs import get_logger
 
 from acexy_tw.content import ContentKey
 from acexy_tw.engine import NoEngine
+from acexy_tw.streaming.limits import SessionLimit
 from acexy_tw.streaming.session import EngineSession, SessionSettings, ShuttingDown
 from acexy_tw.streaming.sink import ClientSink
 from acexy_tw.streaming.waiting import HealthLike, WaitQueue, WaitSettings
@@ -51,7 +52,8 @@ class SessionRegistry:
     clock, the sessions' settings, the wait queue's settings (the registry owns
     its :class:`WaitQueue`, which pre-warms through it) and, when there is an
     orchestrator, the health view (every poll re-evaluates the waiting
-    sessions) and the event reporter.
+    sessions) and the event reporter. ``limit`` (shared with HlsSessions)
+    bounds the sessions open at once; without one there is no bound.
     """
 
     def __init__(
@@ -63,8 +65,11 @@ class SessionRegistry:
         waits: WaitSettings,
         health: Optional[HealthLike] = None,
         events: Optional[EventsLike] = None,
+        limit: Optional[SessionLimit] = None,
     ) -> None:
         self._placement = placement
+        #: engine sessions open at once, shared with HlsSessions (None: unbounded)
+        self.limit = limit
         self._clock = clock
         self._settings = settings
         self._events = events
@@ -99,7 +104,9 @@ class SessionRegistry:
         return [s for s in self._sessions.values() if s.key.value == value]
 
     def join(self, key: ContentKey, sink: ClientSink) -> EngineSession:
-        """Attach ``sink`` to the session for ``key``, starting one if needed."""
+        """Attach ``sink`` to the session for ``key``, starting one if needed.
+        Joining an open session always works; a new one past the session
+        limit raises NoEngine (``max_sessions``, 503)."""
         if not self.accepting:
             raise ShuttingDown("proxy is shutting down")
         session = self._sessions.get(key)
@@ -118,7 +125,10 @@ class SessionRegistry:
         was told to wait again."""
         if key in self._sessions or not self.accepting:
             return succeed(True)
-        session = self._new_session(key)
+        try:
+            session = self._new_session(key)
+        except NoEngine:  # at the session limit: the player's retry gets the 503
+            return succeed(True)
         log.info("pre-warming {key} for a player told to retry", key=str(key))
         done: Deferred = Deferred()
         session.start()
@@ -136,6 +146,8 @@ class SessionRegistry:
             on_streaming=self._events.started if self._events is not None else None,
             on_engine_lost=self._engine_lost,
         )
+        if self.limit is not None:
+            self.limit.open(session)  # raises NoEngine when full: nothing is stored
         self._sessions[key] = session
         self.sessions_started += 1
         return session
@@ -143,6 +155,8 @@ class SessionRegistry:
     def _closed(self, session: EngineSession, reason: str) -> None:
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
+        if self.limit is not None:
+            self.limit.close(session)
         self.stopped[reason] += 1
         self.bytes_out_closed += session.bytes_out
         if session.stop_result is not None:
