@@ -17,7 +17,8 @@ The order is the dependency order (each line only uses what is above it):
     SessionRegistry(placement, settings, wait settings, monitor, events, limit)  (owns the WaitQueue)
     HlsSessions(placement, events, limit)
     Metrics(registry, placement, monitor)
-    ProxyApp(registry, metrics, hls, orchestrator status) ─> TokenGuard ─> Site
+    BacklogBudget(ACEXY_MAX_BACKLOG, clock)   (shared by every player's ClientSink)
+    ProxyApp(registry, metrics, hls, orchestrator status, budget) ─> TokenGuard ─> Site
 
 :class:`acexy_tw.service.AcexyService` runs what this builds; the unit tests
 build through here too, so the wiring they test is the wiring that ships.
@@ -42,6 +43,7 @@ from acexy_tw.orchestrator.events import EventReporter
 from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.placement import Placement
 from acexy_tw.retry import RetryPolicy
+from acexy_tw.streaming.budget import BacklogBudget
 from acexy_tw.streaming.hls import HlsSessions
 from acexy_tw.streaming.limits import SessionLimit
 from acexy_tw.streaming.registry import SessionRegistry
@@ -212,6 +214,7 @@ def build(
         limit=limit,
     )
     metrics = Metrics(registry, placement, monitor)
+    budget = BacklogBudget(config.max_backlog, clock=reactor)
     web = ProxyApp(
         registry,
         reactor,
@@ -221,6 +224,7 @@ def build(
         orchestrator_status=_orchestrator_status(orchestrator, monitor, placement) if monitor else None,
         hls=hls,
         m3u8=config.m3u8,
+        budget=budget,
     )
     resource = web.resource()
     if config.token:

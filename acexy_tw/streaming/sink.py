@@ -5,7 +5,11 @@ A sink is the push producer registered on the player's HTTP request (so the
 player's TCP buffer pauses *it*, never the engine directly) and the consumer
 of the session's fan-out. What the player's transport will not take yet waits
 in a bounded backlog; past the cap, or when the player has taken nothing for
-too long, the player is cut so it never holds back anyone else.
+too long, the player is cut so it never holds back anyone else. Every sink
+also counts its backlog in the proxy's one
+:class:`~acexy_tw.streaming.budget.BacklogBudget` (``ACEXY_MAX_BACKLOG``,
+all players together), which cuts the players furthest behind when the total
+passes its cap.
 
 The transport pausing the sink only makes it *blocked*. The session hears
 "paused" (and may pause the engine) once the backlog passes ``high_water``,
@@ -41,6 +45,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from acexy_tw._twisted_compat import write_through
 from acexy_tw.logs import get_logger
+from acexy_tw.streaming.budget import BacklogBudget
 from zope.interface import implementer
 
 log = get_logger(__name__)
@@ -76,6 +81,7 @@ class ClientSink:
         high_water: int = 0,
         on_cut: Optional[Callable[["ClientSink", str], None]] = None,
         on_first_byte: Optional[Callable[["ClientSink"], None]] = None,
+        budget: Optional[BacklogBudget] = None,
     ) -> None:
         self.request = request
         self.session: Optional[SinkOwner] = None
@@ -99,6 +105,7 @@ class ClientSink:
         self._stuck_timeout = stuck_timeout
         self._stuck_call: Optional[IDelayedCall] = None
         self._on_cut = on_cut
+        self._budget = budget
         self.done: Deferred[None] = Deferred(self._cancelled)
         request.registerProducer(self, True)
 
@@ -124,11 +131,17 @@ class ClientSink:
             return
         self.state = self.STREAMING
         if self.blocked or self._backlog:
-            self._backlog.append(data)
-            self.backlog_bytes += len(data)
-            if self.backlog_bytes > self.max_backlog:
+            n = len(data)
+            if self.backlog_bytes + n > self.max_backlog:
                 self.cut(f"backlog over {self.max_backlog} bytes")
-            elif not self.paused and self.backlog_bytes >= self.high_water:
+                return
+            self._backlog.append(data)
+            self.backlog_bytes += n
+            if self._budget is not None:
+                self._budget.add(self, n)  # may cut the players furthest behind: this one too
+                if self.state == self.ENDED:
+                    return
+            if not self.paused and self.backlog_bytes >= self.high_water:
                 self._report_paused()
             return
         self._write(data, framed)
@@ -164,10 +177,14 @@ class ClientSink:
             return
         self.blocked = False
         self._cancel_stuck()
+        taken = 0
         while self._backlog and not self.blocked:  # write() can re-enter pauseProducing
             data = self._backlog.popleft()
             self.backlog_bytes -= len(data)
+            taken += len(data)
             self._write(data)
+        if taken and self._budget is not None:  # (also if a write ended it: release took the rest)
+            self._budget.drained(self, taken)
         if self.high_water:
             drained = self.backlog_bytes <= self.low_water
         else:  # no high-water mark: pause and resume with the transport itself
@@ -201,6 +218,8 @@ class ClientSink:
             self._unregister()
             self.done.errback(error)
         elif clean:
+            if self._budget is not None:
+                self._budget.release(self)
             backlog = b"".join(self._backlog)
             self._backlog.clear()
             self.backlog_bytes = 0
@@ -243,6 +262,8 @@ class ClientSink:
             return
         self.state = self.ENDED
         self._cancel_stuck()
+        if self._budget is not None:
+            self._budget.release(self)
         self._backlog.clear()
         self.backlog_bytes = 0
         session, self.session = self.session, None

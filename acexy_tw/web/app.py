@@ -25,6 +25,7 @@ from acexy_tw.engine import discard_body
 from acexy_tw.streaming.hls import HlsSessions, SegmentRelay
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.session import ShuttingDown
+from acexy_tw.streaming.budget import BacklogBudget
 from acexy_tw.streaming.sink import ClientSink
 
 log = get_logger(__name__)
@@ -74,6 +75,7 @@ class ProxyApp:
         orchestrator_status: Optional[Callable[[], dict]] = None,
         hls: Optional[HlsSessions] = None,
         m3u8: bool = False,
+        budget: Optional[BacklogBudget] = None,
     ) -> None:
         self.registry = registry
         self._clock = clock
@@ -86,6 +88,8 @@ class ProxyApp:
         self.hls = hls
         self.m3u8 = m3u8
         self.started_at = clock.seconds()
+        #: every player's backlog together (ACEXY_MAX_BACKLOG)
+        self.budget = budget
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -122,6 +126,7 @@ class ProxyApp:
             high_water=self._high_water,
             on_cut=self.metrics.client_cut,
             on_first_byte=self.metrics.first_byte,
+            budget=self.budget,
         )
         try:
             self.registry.join(key, sink)
