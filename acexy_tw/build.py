@@ -31,7 +31,6 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 from treq.client import HTTPClient
 
 from acexy_tw._twisted_compat import quiet_pool
@@ -51,6 +50,7 @@ from acexy_tw.streaming.session import SessionSettings
 from acexy_tw.streaming.waiting import WaitSettings
 from acexy_tw.web.app import ProxyApp
 from acexy_tw.web.guard import TokenGuard
+from acexy_tw.web.server import QuietSite  # the Site: header deadline, connection cap, no bodies
 
 __all__ = ["Proxy", "QuietSite", "build", "make_pool", "EngineFactory", "STOP_BUDGET", "ENGINE_READ_SIZE"]
 
@@ -67,21 +67,6 @@ ENGINE_READ_SIZE = 256 * 1024
 
 #: (host, port, container id or None) -> an engine client
 EngineFactory = Callable[[str, int, Optional[str]], Any]
-
-
-class QuietSite(Site):
-    """A Site whose per-request access log is off unless asked for (flash wear
-    on routers; the log line would also carry ?token= URLs)."""
-
-    noisy = False
-
-    def __init__(self, resource: Any, *, reactor: Any, access_log: bool = False) -> None:
-        super().__init__(resource, reactor=reactor)
-        self.access_log = access_log
-
-    def log(self, request: Any) -> None:
-        if self.access_log:
-            super().log(request)
 
 
 def make_pool(reactor: Any) -> HTTPConnectionPool:
@@ -229,7 +214,13 @@ def build(
     resource = web.resource()
     if config.token:
         resource = TokenGuard(resource, config.token)
-    site = QuietSite(resource, reactor=reactor, access_log=config.access_log)
+    site = QuietSite(
+        resource,
+        reactor=reactor,
+        access_log=config.access_log,
+        header_timeout=config.header_timeout,
+        max_connections=config.max_connections,
+    )
     return Proxy(
         config=config,
         clock=reactor,

@@ -185,6 +185,7 @@ class AcexyService(MultiService):
         if self.config.log_format == "json" and not logs.observer_installed:
             log.warn("ACEXY_LOG_FORMAT=json needs twistd --logger acexy_tw.logs.observer; logging text")
         super().startService()
+        self._install_sighup()
         if self.proxy.orchestrator is not None:
             log.info(
                 "orchestrator {url}: placing new streams through it (fallback engine {engine})",
@@ -215,7 +216,52 @@ class AcexyService(MultiService):
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
+        self._remove_sighup()
         return Deferred.fromCoroutine(self._stop())
+
+    # -- SIGHUP: reopen the log file (logrotate), never stop ----------------------
+
+    _previous_sighup: Any = None
+    _sighup_installed = False
+
+    def _install_sighup(self) -> None:
+        """SIGHUP reopens ``twistd --logfile``'s file (logrotate's convention)
+        and never ends the process; with stdout there is nothing to reopen.
+        The handler only hands the work to the reactor thread."""
+        import signal
+
+        if not hasattr(signal, "SIGHUP") or not hasattr(self.reactor, "callFromThread"):
+            return
+        try:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        except ValueError:  # not the main thread (a test's reactor): leave signals alone
+            return
+        self._sighup_installed = True
+
+    def _remove_sighup(self) -> None:
+        if not self._sighup_installed:
+            return
+        import signal
+
+        previous = self._previous_sighup
+        signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
+        self._sighup_installed = False
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reopen_logs)
+
+    def reopen_logs(self) -> int:
+        """Reopen every log file twistd writes to; how many there were."""
+        from acexy_tw._twisted_compat import log_files
+
+        files = log_files()
+        for f in files:
+            try:
+                f.reopen()
+            except OSError as e:
+                log.error("SIGHUP: cannot reopen log file {path}: {e}", path=getattr(f, "path", "?"), e=e)
+        log.info("SIGHUP: {what}", what=f"reopened {len(files)} log file(s)" if files else "no log file to reopen")
+        return len(files)
 
     async def _stop(self) -> None:
         proxy = self.proxy
