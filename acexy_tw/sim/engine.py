@@ -40,8 +40,9 @@ HLS (see :mod:`acexy_tw.sim.hls` for the timeline and segments):
   (4 Mbit/s when flat out); 404 when too old, not complete yet, or once no
   HLS session of that infohash is active (after stop).
 
-Knobs: ``Behaviour.manifest_status``/``manifest_delay`` (playlist),
-``segment_status``/``segment_delay`` (segments).
+Knobs: ``Behaviour.manifest_status``/``manifest_delay``/``playlist_head``/
+``playlist_tail`` (playlist), ``segment_status``/``segment_delay``/
+``segment_stall_after`` (segments).
 
 Failures are persistent: ``behaviour`` is copied onto every request, so
 ``Behaviour(reset_after=0)`` makes every playback answer 200 and reset at
@@ -354,7 +355,12 @@ class _EngineResource(Resource):
         elif behaviour.manifest_status != 200:
             _send_text(request, behaviour.manifest_status)
         else:
-            body = stream.playlist(engine.reactor.seconds(), engine.advertised_base)
+            body = stream.playlist(
+                engine.reactor.seconds(),
+                engine.advertised_base,
+                head=behaviour.playlist_head,
+                tail=behaviour.playlist_tail,
+            )
             _send(request, 200, PLAYLIST_TYPE, body.encode())
 
     def _segment(self, request: Request, infohash: str, name: str) -> int:
@@ -396,10 +402,19 @@ class _EngineResource(Resource):
             return
         stream.segments_served += 1
         stream.bytes_sent += len(data)
+        size = len(data)
+        if behaviour.segment_stall_after is not None:
+            data = data[: behaviour.segment_stall_after]
         for session in engine._hls_sessions(infohash):
             session.segments_served += 1
             session.bytes_sent += len(data)
-        _send(request, 200, b"video/MP2T", data)
+        if behaviour.segment_stall_after is not None:  # headers and a part, then silence
+            request.setResponseCode(200)
+            request.setHeader(b"content-type", b"video/MP2T")
+            request.setHeader(b"content-length", b"%d" % size)
+            request.write(data)
+        else:
+            _send(request, 200, b"video/MP2T", data)
         engine._changed()
 
     # playback -----------------------------------------------------------------

@@ -30,7 +30,7 @@ would for a player after a long gap anyway.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from acexy_tw.sim.tsgen import CLOCK_HZ, PAT_PID, PSI_INTERVAL, TSGenerator
 from acexy_tw.streaming.mpegts import PACKET_SIZE
@@ -140,19 +140,31 @@ class HlsStream:
     def available(self, n: int, now: float) -> bool:
         return self.oldest_available(now) <= n <= self.newest(now)
 
-    def playlist(self, now: float, base: str) -> str:
+    def playlist(self, now: float, base: str, head: Sequence[str] = (), tail: Sequence[str] = ()) -> str:
         """The live media playlist at ``now``, with absolute segment URLs on ``base``
-        (``http://host:port``)."""
+        (``http://host:port``); ``head`` lines go after the header tags, ``tail``
+        lines after the segments, with ``{base}``, ``{infohash}``, ``{first}``
+        and ``{last}`` filled in."""
         first = self.media_sequence(now)
+        last = self.newest(now)
+        fields = {"{base}": base, "{infohash}": self.infohash, "{first}": str(first), "{last}": str(last)}
+
+        def fill(line: str) -> str:
+            for name, value in fields.items():
+                line = line.replace(name, value)
+            return line
+
         lines: List[str] = [
             "#EXTM3U",
             "#EXT-X-VERSION:3",
             f"#EXT-X-TARGETDURATION:{self.target_duration}",
             f"#EXT-X-MEDIA-SEQUENCE:{first}",
         ]
-        for n in range(first, self.newest(now) + 1):
+        lines.extend(fill(line) for line in head)
+        for n in range(first, last + 1):
             lines.append(f"#EXTINF:{self.duration(n):.3f},")
             lines.append(playlist_segment_url(base, self.infohash, n))
+        lines.extend(fill(line) for line in tail)
         return "\n".join(lines) + "\n"
 
     # --- segments ----------------------------------------------------------------

@@ -9,7 +9,7 @@ later inspects ``engine.sessions[...]`` without touching Twisted objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from acexy_tw.sim.playback import PlaybackStream
@@ -61,6 +61,15 @@ class Behaviour:
     segment_status: int = 200
     #: seconds to wait before answering a segment request
     segment_delay: float = 0.0
+    #: send this many bytes of a segment (after the 200 headers), then go
+    #: silent with the connection open
+    segment_stall_after: Optional[int] = None
+    #: lines put into every playlist after its header tags, and after its
+    #: segments; ``{base}`` (the advertised ``http://host:port``),
+    #: ``{infohash}``, ``{first}`` and ``{last}`` (the listed segment numbers)
+    #: are filled in, e.g. ``'#EXT-X-MAP:URI="{base}/ace/c/{infohash}/{last}.ts"'``
+    playlist_head: Tuple[str, ...] = ()
+    playlist_tail: Tuple[str, ...] = ()
 
     # stop command
     #: a status other than 200 makes stop fail (the session keeps running)

@@ -2,17 +2,26 @@
 HLS: one engine HLS session per content, shared by its players.
 
 A player polls ``/ace/manifest.m3u8?id=…``; the proxy starts (single-flight)
-an engine session with ``/ace/manifest.m3u8?format=json``, fetches the
-engine's live playlist on each poll and rewrites its segment URIs to proxy
-routes ``/ace/hls/<session id>/<segment>`` (the engine's own addresses are not
-routable from players, and may not be from anywhere but the proxy). Segments
-are relayed with flow control: the player's transport pauses the engine
-connection directly (a 1:1 pipe, like Twisted's portforward).
+an engine session with ``/ace/manifest.m3u8?format=json`` and serves the
+engine's live playlist with every URI in it (segment lines and ``URI="…"``
+attributes: keys, init sections, renditions) replaced by an opaque proxy route
+``/ace/hls/<session id>/<name>``: the engine's own addresses are not routable
+from players, and may not be from anywhere but the proxy. A name stands for
+one full engine URL of the current (or the previous) playlist; nothing else
+can be fetched through it. A URI that is not on the engine, or that the proxy
+cannot map, makes the proxy refuse the playlist (502) rather than pass it on.
+The engine's playlist is fetched at most once per target duration, whatever
+the number of pollers (the last one is kept, one fetch is shared).
+
+Segments are relayed with flow control: the player's transport pauses the
+engine connection directly (a 1:1 pipe, like Twisted's portforward), and each
+relay is bounded (no data for ACEXY_EMPTY_TIMEOUT, twice that in all) and
+closed when its session stops.
 
 The session lives while its playlist is polled: ``max(linger, 3 × target
 duration)`` after the last poll or segment it is stopped (stop command sent,
-reservation released). HLS players are never *held*: a "wait" answer is a 503
-with Retry-After — a playlist client retries by itself.
+reservation released, relays closed). HLS players are never *held*: a "wait"
+answer is a 503 with Retry-After — a playlist client retries by itself.
 """
 
 from __future__ import annotations
@@ -20,9 +29,9 @@ from __future__ import annotations
 import re
 import secrets
 from typing import Any, Callable, Optional
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -30,16 +39,25 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from acexy_tw.content import ContentKey
-from acexy_tw.engine import EngineClient, EngineError, NoEngine, PlaybackInfo
+from acexy_tw.engine import EngineClient, EngineError, NoEngine, PlaybackInfo, discard_body
 from acexy_tw.logs import get_logger
 
 log = get_logger(__name__)
 
 _TARGET = re.compile(rb"^#EXT-X-TARGETDURATION:\s*(\d+(?:\.\d+)?)", re.M)
-#: segment names we relay: what the engine serves (``<n>.ts``), nothing that could walk paths
-_SEGMENT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-#: segments remembered per session (a live playlist lists a handful)
-MAX_SEGMENTS = 64
+#: ``URI=`` attributes of tag lines (EXT-X-KEY, EXT-X-MAP, EXT-X-MEDIA, ...)
+_URI_ATTR = re.compile(r"(?<=[:,])URI=")
+#: the extension an opaque name keeps (players look at it)
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,8}$")
+_CONTENT_TYPE = re.compile(rb"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")
+#: hosts under which an engine lists its own URLs (its view from inside its container)
+ENGINE_SELF_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+#: URIs one playlist may list (a live playlist lists a handful)
+MAX_URIS = 1024
+
+
+class _Refused(Exception):
+    """A playlist URI the proxy will not relay: the whole playlist is refused."""
 
 
 class HlsSession:
@@ -64,11 +82,23 @@ class HlsSession:
         self.info: Optional[PlaybackInfo] = None
         self.created_at = clock.seconds()
         self.last_poll = self.created_at
+        #: playlist requests of players; ``fetches``: of the engine's playlist
         self.polls = 0
+        self.fetches = 0
         self.segments_served = 0
         self.bytes_out = 0
         self.target_duration = 0.0
-        self._segments: dict[str, str] = {}  # name -> engine URL
+        #: engine URL -> opaque name, for the URIs of the current and the previous playlist
+        self._names: dict[str, str] = {}
+        self._previous: dict[str, str] = {}
+        self._urls: dict[str, str] = {}  # name -> engine URL (both playlists)
+        #: the last playlist, as lines of alternating text and names, or the error it gave
+        self._cached: Optional[Any] = None
+        self._cached_until = 0.0
+        self._fetching: Optional[Deferred] = None
+        self._pollers: list[tuple[Deferred, str]] = []
+        #: segment relays in progress (closed with the session)
+        self.relays: set["SegmentRelay"] = set()
         self._placement = placement
         self._clock = clock
         self._linger = linger
@@ -77,6 +107,7 @@ class HlsSession:
         self._error: Optional[BaseException] = None
         self._start_d: Optional[Deferred] = None
         self._expiry: Optional[IDelayedCall] = None
+        self._stopping: Optional[Deferred] = None
 
     @property
     def closed(self) -> bool:
@@ -85,6 +116,10 @@ class HlsSession:
     @property
     def idle_timeout(self) -> float:
         return max(self._linger, 3 * self.target_duration, 1.0)
+
+    @property
+    def segment_base(self) -> str:
+        return f"/ace/hls/{self.sid}"
 
     # -- start ---------------------------------------------------------------------------
 
@@ -126,41 +161,136 @@ class HlsSession:
 
     # -- the playlist --------------------------------------------------------------------
 
-    async def playlist(self, segment_base: str, query: str = "") -> bytes:
-        """The engine's live playlist, its segments pointing at ``segment_base``."""
-        assert self.engine is not None and self.info is not None
+    def playlist(self, query: str = "") -> Deferred:
+        """
+        The engine's live playlist, every URI in it pointing at a proxy route
+        (``segment_base/<name>`` + ``query``): a fresh Deferred per poller.
+
+        The engine's playlist is fetched at most once per target duration,
+        whatever the number of pollers: the last one is kept that long, and
+        pollers arriving during a fetch wait for that fetch.
+        """
         self.touch()
-        code, body = await self.engine.fetch(self.info.playback_url)
+        self.polls += 1
+        if self.closed or self.engine is None or self.info is None:
+            return fail(self._error or EngineError("HLS session ended"))
+        if self._cached is not None and self._clock.seconds() < self._cached_until:
+            return self._answer(self._cached, query)
+        d: Deferred = Deferred(self._forget_poller)
+        self._pollers.append((d, query))  # before the fetch: it may fire at once
+        if self._fetching is None:
+            self.fetches += 1
+            self._fetching = self.engine.fetch(self.info.playback_url)
+            self._fetching.addBoth(self._fetched)
+        return d
+
+    def _forget_poller(self, d: Deferred) -> None:
+        self._pollers = [p for p in self._pollers if p[0] is not d]
+
+    def _answer(self, cached: Any, query: str) -> Deferred:
+        if isinstance(cached, BaseException):
+            return fail(cached)
+        return succeed(self._render(cached, query))
+
+    def _fetched(self, result: Any) -> None:
+        self._fetching = None
+        if self.closed:
+            return  # the pollers were answered by close()
+        if isinstance(result, Failure):
+            error = result.value if result.check(EngineError) else EngineError(result.getErrorMessage())
+            cached: Any = error
+        else:
+            code, body = result
+            try:
+                cached = self._parse(code, body)
+            except EngineError as e:
+                cached = e
+        self._cached = cached
+        self._cached_until = self._clock.seconds() + (self.target_duration or 1.0)
+        pollers, self._pollers = self._pollers, []
+        for d, query in pollers:
+            self._answer(cached, query).chainDeferred(d)
+
+    def _parse(self, code: int, body: bytes) -> list[list[str]]:
+        """The engine playlist as lines of alternating text and names; EngineError if refused."""
         if code != 200 or not body.lstrip().startswith(b"#EXTM3U"):
             raise EngineError(f"engine playlist answered {code}: {body[:120]!r}")
-        self.polls += 1
         m = _TARGET.search(body)
         if m:
             self.target_duration = float(m.group(1))
             self.touch()
-        return self._rewrite(body, segment_base, query)
+        text = body.decode("utf-8", "replace")
+        names: dict[str, str] = {}
+        lines: list[list[str]] = []
+        try:
+            for raw in text.splitlines():
+                line = raw.strip()
+                if not line:
+                    continue
+                if not line.startswith("#"):
+                    lines.append(["", self._name_for(line, names), ""])
+                elif "URI=" not in line:
+                    lines.append([line])
+                else:
+                    lines.append(self._tag_with_uris(line, names))
+        except _Refused as e:
+            log.warn("HLS playlist for {key} refused: {why}", key=str(self.key), why=str(e))
+            raise EngineError(f"engine playlist refused: {e}") from None
+        self._previous, self._names = self._names, names
+        self._urls = {name: url for url, name in self._previous.items()}
+        self._urls.update({name: url for url, name in names.items()})
+        return lines
 
-    def _rewrite(self, body: bytes, segment_base: str, query: str) -> bytes:
+    def _tag_with_uris(self, line: str, names: dict[str, str]) -> list[str]:
+        """A tag line whose ``URI="..."`` attributes become names; anything else with URI= is refused."""
+        parts: list[str] = []
+        pos = 0
+        for m in _URI_ATTR.finditer(line):
+            if m.start() < pos:
+                continue  # inside a value already taken
+            if line[m.end() : m.end() + 1] != '"':
+                raise _Refused("a URI attribute that is not a quoted string")
+            close = line.find('"', m.end() + 1)
+            if close < 0:
+                raise _Refused("an unterminated URI attribute")
+            parts.append(line[pos : m.end() + 1])
+            parts.append(self._name_for(line[m.end() + 1 : close], names))
+            pos = close
+        parts.append(line[pos:])
+        if sum(parts[i].count("URI=") for i in range(0, len(parts), 2)) != len(parts) // 2:
+            raise _Refused("a URI attribute the proxy cannot map")
+        return parts
+
+    def _name_for(self, uri: str, names: dict[str, str]) -> str:
+        """The opaque name of ``uri`` (resolved on the engine), kept while it is listed."""
         assert self.engine is not None and self.info is not None
+        absolute = urljoin(self.info.playback_url, uri)
+        parts = urlsplit(absolute)
+        if parts.scheme not in ("http", "https") or parts.username is not None or parts.password is not None:
+            raise _Refused(f"URI {uri[:80]!r} is not plain http(s)")
+        host = (parts.hostname or "").lower()
+        if host != self.engine.address.host.lower() and host not in ENGINE_SELF_HOSTS:
+            raise _Refused(f"URI {uri[:80]!r} is not on the engine")
+        engine_url = urlunsplit((self.engine.address.scheme, self.engine.address.netloc, parts.path or "/", parts.query, ""))
+        name = names.get(engine_url) or self._names.get(engine_url) or self._previous.get(engine_url)
+        if name is None:
+            if len(names) >= MAX_URIS:
+                raise _Refused(f"more than {MAX_URIS} URIs")
+            ext = _EXTENSION.search(parts.path)
+            name = secrets.token_urlsafe(9) + (ext.group(0) if ext else "")
+        names[engine_url] = name
+        return name
+
+    def _render(self, lines: list[list[str]], query: str) -> bytes:
+        base = self.segment_base
         out = []
-        for raw in body.splitlines():
-            line = raw.strip()
-            if not line or line.startswith(b"#"):
-                out.append(raw)
-                continue
-            absolute = urljoin(self.info.playback_url, line.decode("utf-8", "replace"))
-            engine_url = self.engine.address.rewrite(absolute)
-            name = urlsplit(engine_url).path.rsplit("/", 1)[-1]
-            if not _SEGMENT_NAME.match(name):
-                continue  # not something we will relay
-            self._segments[name] = engine_url
-            out.append(f"{segment_base}/{name}{query}".encode())
-        while len(self._segments) > MAX_SEGMENTS:
-            self._segments.pop(next(iter(self._segments)))
-        return b"\n".join(out) + b"\n"
+        for parts in lines:
+            out.append("".join(p if i % 2 == 0 else f"{base}/{p}{query}" for i, p in enumerate(parts)))
+        return ("\n".join(out) + "\n").encode("utf-8")
 
     def segment_url(self, name: str) -> Optional[str]:
-        return self._segments.get(name)
+        """The engine URL behind ``name``, if the current or the previous playlist listed it."""
+        return self._urls.get(name)
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -188,6 +318,14 @@ class HlsSession:
         self._expiry = None
         if self._start_d is not None and not self._start_d.called:
             self._start_d.cancel()
+        pollers, self._pollers = self._pollers, []
+        if self._fetching is not None:
+            self._fetching.cancel()
+        for d, _ in pollers:
+            d.errback(EngineError("HLS session ended"))
+        for relay in list(self.relays):
+            relay.abort("the HLS session stopped", 503)
+        self._urls.clear()
         self._stop_engine()
         self._on_closed(self, reason)
 
@@ -195,9 +333,18 @@ class HlsSession:
         engine, info = self.engine, self.info
         self.info = None
         if engine is not None and info is not None:
-            engine.stop(info).addErrback(
+            self._stopping = engine.stop(info).addErrback(
                 lambda f: log.warn("HLS stop for {key} failed: {e}", key=str(self.key), e=f.getErrorMessage())
             )
+
+    def stopped(self) -> Deferred:
+        """Fires (a fresh Deferred) once the engine answered the stop (or its bound passed)."""
+        d: Deferred = Deferred()
+        if self._stopping is None:
+            d.callback(None)
+        else:
+            self._stopping.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
 
 
 class HlsSessions:
@@ -266,6 +413,8 @@ class HlsSessions:
                 "state": h.state,
                 "engine": h.engine.address.url if h.engine else None,
                 "polls": h.polls,
+                "fetches": h.fetches,
+                "relays": len(h.relays),
                 "segments": h.segments_served,
                 "bytes_out": h.bytes_out,
                 "last_poll": round(now - h.last_poll, 1),
@@ -273,44 +422,156 @@ class HlsSessions:
             for h in self._by_key.values()
         ]
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> Deferred:
+        """Close every session; fires once their stop commands are answered (each is bounded)."""
         self.accepting = False
-        for session in list(self._by_key.values()):
+        sessions = list(self._by_key.values())
+        for session in sessions:
             session.close("shutdown")
+        return gatherResults([s.stopped() for s in sessions]).addCallback(lambda _: None)
 
 
 class SegmentRelay(Protocol):
-    """An engine segment body piped to one player: its transport pauses the engine socket."""
+    """
+    One segment GET: the engine's body piped to one player, its transport
+    pausing the engine socket (flow control), and bounded: no data for
+    ``idle_timeout`` or longer than ``max_duration`` in all, or its session
+    stopping, closes both connections.
+    """
 
-    def __init__(self, request: Any, session: HlsSession) -> None:
+    def __init__(
+        self,
+        request: Any,
+        session: HlsSession,
+        url: str,
+        clock: IReactorTime,
+        *,
+        idle_timeout: float,
+        max_duration: float,
+    ) -> None:
         self.request = request
         self.session = session
+        self.url = url
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._max_duration = max_duration
+        #: fires with None once relayed (or cut), or with (status, message) when nothing was sent
         self.done: Deferred = Deferred(self._cancelled)
+        self._over = False
+        self._get: Optional[Deferred] = None
+        self._last_data = clock.seconds()
+        self._timers: list[IDelayedCall] = []
+
+    def start(self) -> Deferred:
+        self.session.relays.add(self)
+        self._timers = [
+            self._clock.callLater(self._idle_timeout, self._check_idle),
+            self._clock.callLater(self._max_duration, self.abort, f"segment took over {self._max_duration:g}s", 504),
+        ]
+        assert self.session.engine is not None
+        self._get = self.session.engine.get(self.url)
+        self._get.addCallbacks(self._response, self._failed)
+        return self.done
+
+    # -- engine side ------------------------------------------------------------------
+
+    def _response(self, response: Any) -> None:
+        self._get = None
+        if self._over:
+            discard_body(response)
+            return
+        if response.code != 200:
+            discard_body(response)
+            self._finish((404 if response.code == 404 else 502, f"engine segment answered {response.code}"))
+            return
+        types = response.headers.getRawHeaders(b"content-type") or []
+        content_type = types[0] if types and _CONTENT_TYPE.match(types[0]) else b"video/MP2T"
+        self.request.setHeader(b"content-type", content_type)
+        self._last_data = self._clock.seconds()
+        response.deliverBody(self)
+
+    def _failed(self, failure: Failure) -> None:
+        self._get = None
+        if self._over:
+            return
+        error = failure.value
+        if isinstance(error, EngineError):
+            self._finish((error.http_status, str(error)))
+        else:
+            self._finish((502, f"engine segment failed: {failure.getErrorMessage()}"))
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
+        self._last_data = self._clock.seconds()
         self.session.bytes_out += len(data)
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.done.called:
+        self._unregister()
+        if self._over:
             return
-        if getattr(self.request, "producer", None) is self.transport:
-            self.request.unregisterProducer()
         if reason.check(ResponseDone, PotentialDataLoss):
             self.session.segments_served += 1
-            self.done.callback(None)
+            self.session.touch()
         else:
-            # mid-segment failure: the player must not take a truncated segment as whole
-            channel = getattr(self.request, "channel", None)
-            if channel is not None and channel.transport is not None:
-                channel.transport.abortConnection()
-            self.done.callback(None)
+            self._cut_player()  # a truncated segment must not pass for a whole one
+        self._finish(None)
+
+    # -- deadlines and the end ----------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        quiet = self._clock.seconds() - self._last_data
+        if quiet >= self._idle_timeout:
+            self.abort(f"no segment data for {self._idle_timeout:g}s", 504)
+        else:
+            self._timers.append(self._clock.callLater(self._idle_timeout - quiet, self._check_idle))
+
+    def abort(self, why: str, status: int = 504) -> None:
+        """End now (a deadline, or the session stopped): both connections are closed."""
+        if self._over:
+            return
+        log.info("HLS segment relay for {key} closed: {why}", key=str(self.session.key), why=why)
+        started = self.transport is not None
+        if started:
+            self._unregister()
+            self._cut_player()
+        self._finish(None if started else (status, why))
+
+    def _cut_player(self) -> None:
+        channel = getattr(self.request, "channel", None)
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()
+
+    def _finish(self, result: Optional[tuple[int, str]]) -> None:
+        self._release()
+        self.done.callback(result)
+
+    def _unregister(self) -> None:
+        if self.transport is None or getattr(self.request, "producer", None) is not self.transport:
+            return
+        if getattr(self.request, "channel", None) is not None:
+            self.request.unregisterProducer()
+        else:  # the player's connection is gone already
+            self.request.producer = None
+
+    def _release(self) -> None:
+        """Timers off, out of the session, the engine connection closed (if not done)."""
+        self._over = True
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
+        self._timers = []
+        self.session.relays.discard(self)
+        if self._get is not None:
+            get, self._get = self._get, None
+            get.cancel()
+        elif self.transport is not None:
+            self._unregister()
+            self.transport.stopProducing()  # no-op once the body ended
 
     def _cancelled(self, _: Deferred) -> None:
         # the player left: drop the engine connection too
-        if self.transport is not None:
-            self.transport.stopProducing()
-
+        if not self._over:
+            self._release()

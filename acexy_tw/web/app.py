@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Callable, Optional
+from urllib.parse import quote
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -156,11 +157,15 @@ class ProxyApp:
         if not self.hls.accepting:
             return _text(request, 503, "proxy is shutting down")
         session = self.hls.for_key(key)
-        tokens = [t for t in request.args.get(b"token", []) if t]
-        query = "?token=" + tokens[0].decode("ascii", "replace") if tokens else ""
+        # Only the token the guard accepted goes into segment URLs, encoded;
+        # no other client parameter is copied.
+        token = getattr(request, "acexy_token", None)
+        if isinstance(token, bytes):
+            token = token.decode("ascii", "replace")
+        query = "?token=" + quote(token, safe="") if token else ""
         try:
             await session.ready()
-            body = await session.playlist(f"/ace/hls/{session.sid}", query)
+            body = await session.playlist(query)
         except NoEngine as e:  # never held: a playlist client retries by itself
             return _refusal(request, e)
         except EngineError as e:
@@ -171,22 +176,24 @@ class ProxyApp:
 
     @app.route("/ace/hls/<string:sid>/<string:name>", methods=["GET"], endpoint="segment")
     async def segment(self, request: Any, sid: str, name: str) -> Optional[bytes]:
+        """A name of the session's current playlist, relayed from the engine; anything else is 404."""
         session = self.hls.by_sid(sid) if self.hls is not None else None
         url = session.segment_url(name) if session is not None else None
-        if session is None or url is None or session.engine is None:
+        if session is None or url is None or session.engine is None or session.closed:
             return _text(request, 404, "unknown HLS segment")
         session.touch()
-        try:
-            response = await session.engine.get(url)
-        except EngineError as e:
-            return _text(request, e.http_status, str(e))
-        if response.code != 200:
-            discard_body(response)
-            return _text(request, 404 if response.code == 404 else 502, f"engine segment answered {response.code}")
-        request.setHeader(b"content-type", TS_CONTENT_TYPE)
-        relay = SegmentRelay(request, session)
-        response.deliverBody(relay)
-        await relay.done
+        relay = SegmentRelay(
+            request,
+            session,
+            url,
+            self._clock,
+            idle_timeout=self._stuck_timeout,  # ACEXY_EMPTY_TIMEOUT without data
+            max_duration=2 * self._stuck_timeout,
+        )
+        error = await relay.start()
+        if error is not None:
+            code, message = error
+            return _text(request, code, message)
         return None
 
     # -- /ace/status ---------------------------------------------------------------
