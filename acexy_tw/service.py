@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, succeed
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError as DeferredTimeout, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python.failure import Failure
@@ -266,8 +266,9 @@ class AcexyService(MultiService):
     async def _stop(self) -> None:
         proxy = self.proxy
         await self._bounded(self.listener.stopService(), "listener")
-        proxy.hls.shutdown()
-        await self._bounded(proxy.registry.shutdown(), "engine sessions")
+        # TS and HLS sessions stop together: their stop commands share one budget
+        stops = DeferredList([proxy.hls.shutdown(), proxy.registry.shutdown()], consumeErrors=True)
+        await self._bounded(stops, "engine sessions")
         if proxy.events is not None:
             await self._bounded(proxy.events.flush(), "orchestrator events", 2.0)
         if proxy.monitor is not None and proxy.monitor.running:

@@ -269,7 +269,11 @@ class HlsSession:
         if parts.scheme not in ("http", "https") or parts.username is not None or parts.password is not None:
             raise _Refused(f"URI {uri[:80]!r} is not plain http(s)")
         host = (parts.hostname or "").lower()
-        if host != self.engine.address.host.lower() and host not in ENGINE_SELF_HOSTS:
+        on_engine = host == self.engine.address.host.lower() or host in ENGINE_SELF_HOSTS
+        # The engine lists its URLs under its own view of its address (a
+        # container's IP, say; CONTRACTS.md §1): an engine route (/ace/...) on
+        # another host is the engine's, fetched from the address we use.
+        if not on_engine and not (parts.path or "").startswith("/ace/"):
             raise _Refused(f"URI {uri[:80]!r} is not on the engine")
         engine_url = urlunsplit((self.engine.address.scheme, self.engine.address.netloc, parts.path or "/", parts.query, ""))
         name = names.get(engine_url) or self._names.get(engine_url) or self._previous.get(engine_url)

@@ -211,6 +211,15 @@ class PlaylistTests(SynchronousTestCase):
         self.assertTrue(map_line.endswith('",BYTERANGE="10@0"'))
         self.assertNotEqual(map_line.split('"')[1], segment)  # 7.ts next to the playlist: another URL
 
+    def test_an_engine_route_under_the_engines_own_view_of_its_address_is_fetched_from_ours(self) -> None:
+        clock = Clock()
+        session, engine, _ = ready_session(clock)
+        session.playlist()
+        engine.fetches[0].callback((200, playlist("#EXTINF:2,", "http://172.18.0.5:6878/ace/c/abc/9.ts")))
+        text = self.successResultOf(session.playlist()).decode().splitlines()
+        name = text[-1].rsplit("/", 1)[1]
+        self.assertEqual(session.segment_url(name), f"{ENGINE}/ace/c/abc/9.ts")  # never the container's address
+
     def test_unmappable_uris_refuse_the_playlist(self) -> None:
         for bad in (
             ["#EXTINF:2,", "http://127.0.0.2:9/INJECTED.ts"],
