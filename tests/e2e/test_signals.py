@@ -23,18 +23,16 @@ from tests.e2e.test_twistd import DEMO_ID, ROOT, TIMEOUT, TWISTD, Reader, Twistd
 ANNOUNCE = re.compile(r"serving on [\d.]+:(\d+)")
 
 
-def when_file(reactor, path: Path, predicate, what: str, seconds: float = TIMEOUT) -> Deferred:
-    """Fires with the file's text once ``predicate(text)`` holds (polled, bounded)."""
+def poll_until(reactor, probe, failure, seconds: float = TIMEOUT) -> Deferred:
+    """Fires with ``probe()``'s first result that is not None (checked every 20 ms);
+    after ``seconds`` fails with ``AssertionError(failure())``."""
     d: Deferred = Deferred()
 
     def check() -> None:
-        try:
-            text = path.read_text(errors="replace")
-        except FileNotFoundError:
-            return
-        if predicate(text):
+        result = probe()
+        if result is not None:
             loop.stop()
-            d.callback(text)
+            d.callback(result)
 
     loop = LoopingCall(check)
     loop.clock = reactor
@@ -43,9 +41,22 @@ def when_file(reactor, path: Path, predicate, what: str, seconds: float = TIMEOU
     def timed_out(f):
         if loop.running:
             loop.stop()
-        raise AssertionError(f"timed out waiting for {what} in {path}")
+        raise AssertionError(failure())
 
     return d.addTimeout(seconds, reactor).addErrback(timed_out)
+
+
+def when_file(reactor, path: Path, predicate, what: str, seconds: float = TIMEOUT) -> Deferred:
+    """Fires with the file's text once ``predicate(text)`` holds (polled, bounded)."""
+
+    def probe():
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            return None
+        return text if predicate(text) else None
+
+    return poll_until(reactor, probe, lambda: f"timed out waiting for {what} in {path}", seconds)
 
 
 async def one_megabyte(reactor, client: HTTPClient, port: int) -> int:
@@ -77,7 +88,7 @@ async def test_sighup_reopens_the_log_file_and_keeps_serving(reactor, tmp_path):
         logfile.rename(rotated)  # what logrotate does before it signals
         sent = time.monotonic()
         proc.transport.signalProcess(signal.SIGHUP)
-        reopened = await when_file(reactor, logfile, lambda t: "SIGHUP: reopened 1 log file" in t, "the reopen line")
+        await when_file(reactor, logfile, lambda t: "SIGHUP: reopened 1 log file" in t, "the reopen line")
         took = time.monotonic() - sent
         assert proc.status is None and proc.signal is None  # still running
 
@@ -122,20 +133,9 @@ async def test_sighup_with_stdout_logging_changes_nothing(reactor):
 
 
 def when_output(reactor, proc: Twistd, needle: str, seconds: float = TIMEOUT) -> Deferred:
-    d: Deferred = Deferred()
-
-    def check() -> None:
-        if needle.encode() in proc.output:
-            loop.stop()
-            d.callback(None)
-
-    loop = LoopingCall(check)
-    loop.clock = reactor
-    loop.start(0.02, now=True)
-
-    def timed_out(f):
-        if loop.running:
-            loop.stop()
-        raise AssertionError(f"timed out waiting for {needle!r}: {proc.output[-2000:]!r}")
-
-    return d.addTimeout(seconds, reactor).addErrback(timed_out)
+    return poll_until(
+        reactor,
+        lambda: True if needle.encode() in proc.output else None,
+        lambda: f"timed out waiting for {needle!r}: {proc.output[-2000:]!r}",
+        seconds,
+    )

@@ -179,12 +179,37 @@ class Player(Protocol):
         return self.when_ended()
 
 
-class StalledPlayer(Protocol):
+class RawClient(Protocol):
+    """A raw TCP client whose end tests wait for: ``closed`` fires when the
+    connection is gone; :meth:`hang_up` aborts it (test cleanup)."""
+
+    def __init__(self) -> None:
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    def when_closed(self, seconds: float = TIMEOUT) -> Deferred:
+        """Fires when the proxy closed us; a fresh Deferred per call."""
+        if self.closed.called:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self.closed.addCallback(lambda r: (d.callback(None), r)[1])
+        return within(d, seconds)
+
+    def hang_up(self) -> Deferred:
+        if not self.closed.called:
+            self.transport.abortConnection()
+        return self.when_closed()
+
+
+class StalledPlayer(RawClient):
     """A player that sends its request and then never reads (its buffers fill)."""
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
-        self.closed: Deferred[None] = Deferred()
 
     @classmethod
     def open(cls, test: Any, port: int, path: str) -> "Deferred[StalledPlayer]":
@@ -201,26 +226,9 @@ class StalledPlayer(Protocol):
         self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: proxy\r\n\r\n".encode())
         self.transport.pauseProducing()  # stop reading: kernel buffers fill end to end
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if not self.closed.called:
-            self.closed.callback(None)
-
     def start_reading(self) -> None:
         """Read again (a paused reader cannot even notice that it was cut)."""
         self.transport.resumeProducing()
-
-    def when_closed(self, seconds: float = TIMEOUT) -> Deferred:
-        """Fires when the proxy closed us; a fresh Deferred per call."""
-        if self.closed.called:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self.closed.addCallback(lambda r: (d.callback(None), r)[1])
-        return within(d, seconds)
-
-    def hang_up(self) -> Deferred:
-        if not self.closed.called:
-            self.transport.abortConnection()
-        return self.when_closed()
 
 
 def http_client(test: Any) -> HTTPClient:

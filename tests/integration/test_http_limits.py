@@ -19,14 +19,13 @@ from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import globalLogPublisher, textFileLogObserver
 from twisted.trial.unittest import TestCase
 
 from acexy_tw.streaming.mpegts import PACKET_SIZE
 from acexy_tw.web.server import HEALTH_SLOTS, AcexyChannel
-from tests.integration.harness import TIMEOUT, Player, cid, reactor, sim_engine, start_proxy, wait_until, within
+from tests.integration.harness import Player, RawClient, cid, reactor, sim_engine, start_proxy, wait_until, within
 
 TOKEN = "s3cr&t#to+ken%"
 QUOTED = "s3cr%26t%23to%2Bken%25"
@@ -36,14 +35,14 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-class Raw(Protocol):
+class Raw(RawClient):
     """A raw TCP client: what it sent, what it got, when it was closed."""
 
     def __init__(self, first: bytes = b"") -> None:
+        super().__init__()
         self.first = first
         self.received = bytearray()
         self.sent = 0
-        self.closed: Deferred[None] = Deferred()
         self.opened_at = self.closed_at = 0.0
         self._waiters: list[tuple[Any, Deferred]] = []
 
@@ -76,8 +75,7 @@ class Raw(Protocol):
         for _, d in self._waiters:
             d.callback(bytes(self.received))
         self._waiters = []
-        if not self.closed.called:
-            self.closed.callback(None)
+        super().connectionLost(reason)
 
     def when(self, marker: bytes, count: int = 1) -> Deferred:
         """Fires once ``marker`` was received ``count`` times in all (or the connection closed)."""
@@ -90,18 +88,6 @@ class Raw(Protocol):
         d: Deferred = Deferred()
         self._waiters.append((predicate, d))
         return within(d)
-
-    def when_closed(self, seconds: float = TIMEOUT) -> Deferred:
-        if self.closed.called:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self.closed.addCallback(lambda r: (d.callback(None), r)[1])
-        return within(d, seconds)
-
-    def hang_up(self) -> Deferred:
-        if not self.closed.called:
-            self.transport.abortConnection()
-        return self.when_closed()
 
     def status(self) -> Optional[int]:
         parts = bytes(self.received).split(b" ", 2)
