@@ -262,7 +262,6 @@ class HeaderLimitTests(SynchronousTestCase):
         self.assertFalse(_twisted_compat._probe_header_limit())
         pool = make_pool(MemoryReactorClock())
         self.assertIsNone(pool._factory.keywords["header_limit"])
-        self.flushLoggedErrors()
 
     def test_continuation_lines_count(self) -> None:
         head = b"HTTP/1.1 200 OK\r\nX: 1\r\n" + b" more\r\n" * (MAX_HEADERS + 1)
