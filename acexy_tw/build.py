@@ -179,6 +179,7 @@ def build(
             linger=config.linger,
             failover=RetryPolicy(config.failover_attempts, initial=1.0, factor=2.0, cap=30.0, jitter=jitter),
             failover_reset=config.failover_reset,
+            stats_interval=config.stats_interval,
         ),
         waits=WaitSettings(
             size=config.queue_size,

@@ -726,6 +726,15 @@ SETTINGS: tuple[Setting, ...] = (
         parser=parse_positive_duration,
         help="Real data flowing this long ends a failover incident and restores its attempts",
     ),
+    Setting(
+        field="stats_interval",
+        env="ACEXY_STATS_INTERVAL",
+        aliases=(),
+        option="stats-interval",
+        default="5s",
+        parser=parse_non_negative_duration,
+        help="How often a streaming session asks its engine's stat_url for peers and speeds (0: never)",
+    ),
     # -- limits: nothing a stranger sends costs more than a request ------------
     Setting(
         field="max_backlog",
@@ -830,6 +839,7 @@ class Config:
     wait_mode: str = "hold"
     failover_attempts: int = 3
     failover_reset: float = 30.0
+    stats_interval: float = 5.0
     max_backlog: int = 64 * 1024 * 1024
     max_sessions: int = 32
     header_timeout: float = 10.0

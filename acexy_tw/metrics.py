@@ -43,6 +43,18 @@ class _ProxyCollector(Collector):
         yield _gauge("acexy_clients", "Players connected now", sessions["clients"])
         yield _counter("acexy_bytes_sent", "Bytes sent to players", sessions["bytes_out"])
         yield _counter("acexy_clients_cut", "Players cut for being too slow or stuck", self._metrics.clients_cut)
+        yield _counter("acexy_engine_bytes_received", "Bytes received from engines", sessions["bytes_in"])
+        peers = GaugeMetricFamily("acexy_engine_peers", "Engine peers per stream (its last stat answer)", labels=["stream"])
+        speed = GaugeMetricFamily(
+            "acexy_engine_speed_down_kib", "Engine download speed per stream, KiB/s (its last stat answer)", labels=["stream"]
+        )
+        for stream, n, down in sessions["engine_stats"]:
+            if n is not None:
+                peers.add_metric([stream], n)
+            if down is not None:
+                speed.add_metric([stream], down)
+        yield peers
+        yield speed
 
         held = sessions["held"]
         yield _gauge("acexy_held_players", "Players held (keepalive) waiting for an engine", held["players"])

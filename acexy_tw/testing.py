@@ -167,6 +167,15 @@ class ScriptedEngine:
         #: get_version answers (False: refused)
         self.ready = ready
         self.versions = 0
+        #: stat requests asked: (info, Deferred); answered at once with ``stat_answer``
+        #: unless it is None (then the test fires the Deferred, or it hangs)
+        self.stats: list[tuple[PlaybackInfo, Deferred]] = []
+        self.stat_answer: Optional[dict] = {
+            "response": {"status": "dl", "peers": 4, "speed_down": 257, "speed_up": 29, "downloaded": 3276800, "uploaded": 491520},
+            "error": None,
+        }
+        #: if set, stat fails with it
+        self.stat_error: Optional[BaseException] = None
 
     def start(self, key: ContentKey) -> Deferred:
         self.attempts.append(key)
@@ -214,6 +223,15 @@ class ScriptedEngine:
         if self.stop_result is not None:
             return self.stop_result
         return succeed(None)
+
+    def stat(self, info: PlaybackInfo) -> Deferred:
+        d: Deferred = Deferred()
+        self.stats.append((info, d))
+        if self.stat_error is not None:
+            d.errback(self.stat_error)
+        elif self.stat_answer is not None:
+            d.callback(self.stat_answer)
+        return d
 
     def version(self, timeout: Optional[float] = None) -> Deferred:
         self.versions += 1

@@ -444,6 +444,9 @@ class _EngineResource(Resource):
 
     def _stat(self, request: Request, infohash: str, token: str) -> int:
         session = self._engine._session_for(infohash, token)
+        self._engine.stat_requests += 1
+        if session is not None:
+            session.stat_requests += 1
         if session is None or session.stopped:
             _send_json(request, _error(UNKNOWN_SESSION))
         else:
@@ -562,6 +565,8 @@ class SimEngine:
         self.sessions: Dict[str, SimSession] = {}
         #: stop commands received, for any session, answered or not
         self.stop_count = 0
+        #: stat_url requests, for any session (or none), any answer
+        self.stat_requests = 0
         #: the port number of the last ``listen`` (kept after stop_listening)
         self.port: Optional[int] = None
         self.interface: Optional[str] = None

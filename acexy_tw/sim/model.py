@@ -97,6 +97,8 @@ class SimSession:
     stopped: bool = False
     #: stop commands received for this session (answered or not)
     stop_commands: int = 0
+    #: stat_url requests for this session (also after stop)
+    stat_requests: int = 0
     #: bytes written to all of its playback connections (and, for an HLS
     #: session, segment bytes of its content served while it was active)
     bytes_sent: int = 0

@@ -83,6 +83,8 @@ class SessionRegistry:
         self.stopped: Counter[str] = Counter()
         #: bytes sent to players by sessions already closed
         self.bytes_out_closed = 0
+        #: bytes received from engines by sessions already closed
+        self.bytes_in_closed = 0
         self.accepting = True
 
     def __len__(self) -> int:
@@ -159,6 +161,7 @@ class SessionRegistry:
             self.limit.close(session)
         self.stopped[reason] += 1
         self.bytes_out_closed += session.bytes_out
+        self.bytes_in_closed += session.bytes_in
         if session.stop_result is not None:
             d = session.stop_result
             self._stops.add(d)
@@ -191,6 +194,13 @@ class SessionRegistry:
             "stopped": dict(self.stopped),
             "clients": sum(len(s.sinks) for s in sessions),
             "bytes_out": self.bytes_out_closed + sum(s.bytes_out for s in sessions),
+            "bytes_in": self.bytes_in_closed + sum(s.bytes_in for s in sessions),
+            #: (stream, engine peers, engine download KiB/s) of sessions with a stat answer
+            "engine_stats": [
+                (str(s.key), s.stats.engine["peers"], s.stats.engine["speed_down"])
+                for s in sessions
+                if s.stats.engine["peers"] is not None or s.stats.engine["speed_down"] is not None
+            ],
             "held": {"players": held["players"], "queued": len(self.waits.held), "queue_size": held["queue_size"]},
         }
 

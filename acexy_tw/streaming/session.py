@@ -43,6 +43,7 @@ from acexy_tw.content import ContentKey
 from acexy_tw.engine import ContentError, EngineClient, EngineError, PlaybackInfo, discard_body
 from acexy_tw.logs import get_logger
 from acexy_tw.retry import Budget, RetryPolicy
+from acexy_tw.stats import SessionStats
 from acexy_tw.streaming.fanout import KEEPALIVE, KEEPALIVE_CHUNK, Fanout
 from acexy_tw.streaming.lifecycle import (
     CLOSED,
@@ -104,6 +105,8 @@ class SessionSettings:
     failover: RetryPolicy = RetryPolicy(0)
     #: real data flowing this long ends an incident
     failover_reset: float = 30.0
+    #: seconds between the engine's stat_url polls while streaming (0: never)
+    stats_interval: float = 0.0
 
 
 @dataclass
@@ -183,6 +186,7 @@ class EngineSession:
         self._gap_started: Optional[float] = None
         self._last_piece_at = 0.0
         self._healthy_silence = min(HEALTHY_SILENCE, settings.empty_timeout)
+        self.stats = SessionStats(clock, settings.stats_interval, self._stat, lambda: (self.bytes_in, self.bytes_out))
 
     def __repr__(self) -> str:
         return f"<EngineSession {self.key} {self.state} clients={len(self.sinks)}>"
@@ -244,6 +248,7 @@ class EngineSession:
             "failovers": self.failovers,
             "engine_sessions": self.engine_sessions,
             "failover_attempts_left": None if self.incident is None else self.incident.budget.remaining,
+            **self.stats.describe(),
             "client_list": [
                 {
                     "peer": s.peer,
@@ -276,6 +281,16 @@ class EngineSession:
             self._healthy_call = None
         if new == STREAMING and self.streaming_since is None:
             self.streaming_since = self._clock.seconds()
+        if new in (STREAMING, LINGERING) and self.close_reason is None:  # the engine's playback is open
+            self.stats.start()
+        else:
+            self.stats.stop()
+
+    def _stat(self) -> Optional[Deferred]:
+        """One stat request to the current engine (SessionStats' fetch)."""
+        if self.engine is None or self.info is None:
+            return None
+        return self.engine.stat(self.info)
 
     @staticmethod
     def _cancel(call: Optional[IDelayedCall]) -> None:
@@ -613,6 +628,7 @@ class EngineSession:
         if self.closed:
             return
         self.close_reason = reason
+        self.stats.stop()
         self._life.inputs.close()
         if self._waits is not None:
             self._waits.release(self)

@@ -483,6 +483,7 @@ EXPECTED_TABLE = [
     ("wait_mode", "ACEXY_WAIT_MODE", (), "wait-mode", "hold"),
     ("failover_attempts", "ACEXY_FAILOVER_ATTEMPTS", (), "failover-attempts", "3"),
     ("failover_reset", "ACEXY_FAILOVER_RESET", (), "failover-reset", "30s"),
+    ("stats_interval", "ACEXY_STATS_INTERVAL", (), "stats-interval", "5s"),
     ("max_backlog", "ACEXY_MAX_BACKLOG", (), "max-backlog", "64MiB"),
     ("max_sessions", "ACEXY_MAX_SESSIONS", (), "max-sessions", "32"),
     ("header_timeout", "ACEXY_HEADER_TIMEOUT", (), "header-timeout", "10s"),
