@@ -18,7 +18,8 @@ The order is the dependency order (each line only uses what is above it):
     HlsSessions(placement, events, limit)
     Metrics(registry, placement, monitor)
     BacklogBudget(ACEXY_MAX_BACKLOG, clock)   (shared by every player's ClientSink)
-    ProxyApp(registry, metrics, hls, orchestrator status, budget) ─> TokenGuard ─> Site
+    Playlists(ACEXY_PLAYLISTS, HTTP client, clock)
+    ProxyApp(registry, metrics, hls, orchestrator status, budget, playlists) ─> TokenGuard ─> Site
 
 :class:`acexy_tw.service.AcexyService` runs what this builds; the unit tests
 build through here too, so the wiring they test is the wiring that ships.
@@ -41,6 +42,7 @@ from acexy_tw.orchestrator.client import OrchestratorClient
 from acexy_tw.orchestrator.events import EventReporter
 from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.placement import Placement
+from acexy_tw.playlists import Playlists
 from acexy_tw.retry import RetryPolicy
 from acexy_tw.streaming.budget import BacklogBudget
 from acexy_tw.streaming.hls import HlsSessions
@@ -201,6 +203,19 @@ def build(
     )
     metrics = Metrics(registry, placement, monitor)
     budget = BacklogBudget(config.max_backlog, clock=reactor)
+    playlists: Optional[Playlists] = None
+    if config.playlists:  # ACEXY_PLAYLISTS: sources fetched over the proxy's own pool
+        if http is None:
+            pool = make_pool(reactor)
+            http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=config.no_response_timeout))
+        playlists = Playlists(
+            config.playlists,
+            http,
+            reactor,
+            refresh=config.playlist_refresh,
+            timeout=config.no_response_timeout,
+            public_url=config.public_url,
+        )
     web = ProxyApp(
         registry,
         reactor,
@@ -211,6 +226,7 @@ def build(
         hls=hls,
         m3u8=config.m3u8,
         budget=budget,
+        playlists=playlists,
     )
     resource = web.resource()
     if config.token:

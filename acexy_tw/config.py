@@ -45,6 +45,8 @@ __all__ = [
     "parse_listen",
     "parse_log_level",
     "parse_non_negative_duration",
+    "parse_playlists",
+    "parse_public_url",
     "parse_port",
     "parse_positive_duration",
     "parse_scheme",
@@ -475,6 +477,55 @@ def parse_token(text: str) -> str:
     return token
 
 
+_PLAYLIST_NAME_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+
+
+def parse_playlists(text: str) -> tuple[tuple[str, str], ...]:
+    """
+    ``name=source,name=source``: the playlists served at
+    ``/ace/playlist/<name>.m3u``. A source is an ``http(s)://`` URL or a file
+    path. Names are letters, digits, ``_ - .``; each is given once.
+    """
+    pairs: list[tuple[str, str]] = []
+    if not text.strip():
+        return ()
+    for item in text.split(","):
+        name, sep, source = item.strip().partition("=")
+        name, source = name.strip(), source.strip()
+        if not sep or not name or not source:
+            raise ValueError(f"expected name=source pairs separated by commas, got {item.strip()!r}")
+        if not _PLAYLIST_NAME_RE.fullmatch(name):
+            raise ValueError(f"playlist name {name!r} may only have letters, digits, _ - and .")
+        if any(name == seen for seen, _ in pairs):
+            raise ValueError(f"playlist name {name!r} is given twice")
+        if "://" in source:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(source)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"playlist {name!r}: a URL source must be http:// or https://")
+        pairs.append((name, source))
+    return tuple(pairs)
+
+
+def parse_public_url(text: str) -> str:
+    """This proxy's URL as players reach it (``https://tv.example.org``), for
+    playlists; no query or fragment, a trailing slash is dropped."""
+    from urllib.parse import urlsplit
+
+    text = text.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL, e.g. https://tv.example.org")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must not have a query, fragment or credentials")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError("not a valid port") from None
+    return text.rstrip("/")
+
+
 def optional(parser: Callable[[str], T]) -> Callable[[str], Optional[T]]:
     """
     Wrap ``parser`` so an empty (or blank) text means "not set": ``None``.
@@ -810,6 +861,34 @@ SETTINGS: tuple[Setting, ...] = (
         parser=parse_bool,
         help="Log every HTTP request (off by default: flash wear on routers)",
     ),
+    # -- playlists --------------------------------------------------------------
+    Setting(
+        field="playlists",
+        env="ACEXY_PLAYLISTS",
+        aliases=(),
+        option="playlists",
+        default="",
+        parser=parse_playlists,
+        help="M3U sources served rewritten at /ace/playlist/<name>.m3u: name=URL-or-path pairs, comma-separated",
+    ),
+    Setting(
+        field="public_url",
+        env="ACEXY_PUBLIC_URL",
+        aliases=(),
+        option="public-url",
+        default="",
+        parser=optional(parse_public_url),
+        help="This proxy's URL in rewritten playlists (empty: the request's Host)",
+    ),
+    Setting(
+        field="playlist_refresh",
+        env="ACEXY_PLAYLIST_REFRESH",
+        aliases=(),
+        option="playlist-refresh",
+        default="10m",
+        parser=parse_positive_duration,
+        help="How long a fetched playlist source is used before it is revalidated",
+    ),
 )
 
 
@@ -848,6 +927,9 @@ class Config:
     m3u8: bool = False
     log_format: str = "text"
     access_log: bool = False
+    playlists: tuple[tuple[str, str], ...] = ()  # (name, URL or path)
+    public_url: Optional[str] = None
+    playlist_refresh: float = 600.0
     demo: bool = False  # set by --demo, not from the environment
 
     @property

@@ -7,9 +7,10 @@ session among all players of the same content. Normalising here is what makes
 ``?id=ABC…`` and ``?id=abc…`` one session instead of two (an acexy defect).
 
 Exactly one content selector: ``id`` (alias of ``content_id``) or
-``infohash``. The engine's other selectors (``url``, ``magnet``, ``data``,
-``direct_url``, ``torrent_url``) are never forwarded; next to an id they are a
-400, alone they are the acexy "no selector" 400.
+``infohash``, its value written ``<40 hex>`` or ``acestream://<40 hex>``. The
+engine's other selectors (``url``, ``magnet``, ``data``, ``direct_url``,
+``torrent_url``) are never forwarded; next to an id they are a 400, alone they
+are the acexy "no selector" 400.
 
 Only the engine options in :data:`ENGINE_OPTIONS` are forwarded to the
 engine; any other parameter is dropped (a debug log line), so ``&junk=<i>``
@@ -50,6 +51,7 @@ __all__ = [
     "RESERVED_PARAMS",
     "SELECTORS",
     "parse_query",
+    "strip_scheme",
 ]
 
 log = get_logger(__name__)
@@ -137,6 +139,16 @@ def _echo(value: str) -> str:
     return shown + "..." if len(value) > MAX_ECHO else shown
 
 
+_SCHEME = "acestream://"
+
+
+def strip_scheme(value: str) -> str:
+    """``acestream://<id>`` (as playlists and players write it) is ``<id>``."""
+    if value[: len(_SCHEME)].lower() == _SCHEME:
+        return value[len(_SCHEME):].rstrip("/")
+    return value
+
+
 def _decode(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -166,6 +178,7 @@ def parse_query(args: Mapping[bytes, Sequence[bytes]]) -> ContentKey:
         folded = name.lower()
         if folded in SELECTORS:
             for v in values:
+                v = strip_scheme(v)
                 if v:
                     selected.setdefault(folded, set()).add(v.lower())
                     raw_selected.setdefault(folded, v)

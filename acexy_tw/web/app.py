@@ -3,13 +3,16 @@ The HTTP surface (Klein). Thin: parse, call the registry, map errors.
 
 Routes (acexy-compatible):
 - ``GET|HEAD /ace/getstream[/]?id=|content_id=|infohash=`` — MPEG-TS;
-- ``GET /ace/status[?id=]`` — JSON.
+- ``GET /ace/status[?id=]`` — JSON;
+- ``GET /ace/playlist/<name>.m3u[8][?hls=1]`` — an ACEXY_PLAYLISTS source, rewritten;
+- ``GET /ace/playlists`` — their names (JSON).
 Werkzeug's routing answers other methods with 405 and other paths with 404.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable, Optional
 from urllib.parse import quote
 
@@ -17,10 +20,11 @@ from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 
 from acexy_tw import __version__
-from acexy_tw.content import BadRequest, parse_query
+from acexy_tw.content import BadRequest, parse_query, strip_scheme
 from acexy_tw.engine import EngineError
 from acexy_tw.logs import get_logger
 from acexy_tw.metrics import Metrics
+from acexy_tw.playlists import PlaylistError, Playlists, UnknownPlaylist, rewrite
 from acexy_tw.engine import NoEngine
 from acexy_tw.engine import discard_body
 from acexy_tw.streaming.hls import HlsSessions, SegmentRelay
@@ -46,6 +50,22 @@ def _text(request: Any, code: int, message: str) -> bytes:
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
     return (message + "\n").encode("utf-8")
+
+
+_HOST_RE = re.compile(rb"[A-Za-z0-9._-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
+
+
+def _base_url(request: Any) -> str:
+    """This proxy's URL as the player reached it: its ``Host`` header, when
+    that is a host[:port], else the address the connection came in on."""
+    scheme = "https" if request.isSecure() else "http"
+    host = request.getHeader(b"host") or b""
+    if not _HOST_RE.fullmatch(host):
+        addr = request.getHost()
+        where = getattr(addr, "host", "localhost")
+        where = f"[{where}]" if ":" in where else where
+        host = f"{where}:{getattr(addr, 'port', 80)}".encode("ascii")
+    return f"{scheme}://{host.decode('ascii')}"
 
 
 def _json(request: Any, doc: Any, code: int = 200) -> bytes:
@@ -77,6 +97,7 @@ class ProxyApp:
         hls: Optional[HlsSessions] = None,
         m3u8: bool = False,
         budget: Optional[BacklogBudget] = None,
+        playlists: Optional[Playlists] = None,
     ) -> None:
         self.registry = registry
         self._clock = clock
@@ -91,6 +112,8 @@ class ProxyApp:
         self.started_at = clock.seconds()
         #: every player's backlog together (ACEXY_MAX_BACKLOG)
         self.budget = budget
+        #: ACEXY_PLAYLISTS sources (None: none configured)
+        self.playlists = playlists
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -219,7 +242,7 @@ class ProxyApp:
                 doc["hls"] = self.hls.describe()
             return _json(request, doc)
         wanted = ids[0].decode("utf-8", "replace")
-        sessions = self.registry.find(wanted)
+        sessions = self.registry.find(strip_scheme(wanted))
         if not sessions:
             return _text(request, 404, "Stream not found")
         doc = sessions[0].describe()
@@ -228,6 +251,32 @@ class ProxyApp:
         if len(sessions) > 1:
             doc["variants"] = [s.describe() for s in sessions]
         return _json(request, doc)
+
+    # -- playlists (ACEXY_PLAYLISTS) ---------------------------------------------------
+
+    @app.route("/ace/playlists", methods=["GET"], endpoint="playlists")
+    def playlist_names(self, request: Any) -> bytes:
+        return _json(request, {"playlists": self.playlists.names() if self.playlists else []})
+
+    @app.route("/ace/playlist/<string:filename>", methods=["GET"], endpoint="playlist")
+    async def playlist(self, request: Any, filename: str) -> bytes:
+        name, dot, ext = filename.rpartition(".")
+        if self.playlists is None or not dot or ext not in ("m3u", "m3u8"):
+            return _text(request, 404, "no such playlist")
+        try:
+            source = await self.playlists.get(name)
+        except UnknownPlaylist:
+            return _text(request, 404, "no such playlist")
+        except PlaylistError as e:
+            return _text(request, 502, str(e))
+        token = getattr(request, "acexy_token", None)
+        if isinstance(token, bytes):
+            token = token.decode("ascii", "replace")
+        hls = request.args.get(b"hls", [b""])[0].lower() in (b"1", b"true", b"yes", b"on")
+        body = rewrite(source, self.playlists.public_url or _base_url(request), token=token, hls=hls)
+        request.setHeader(b"content-type", b"audio/x-mpegurl")
+        request.setHeader(b"cache-control", b"no-cache")
+        return body
 
     # -- the dashboard -----------------------------------------------------------------
 

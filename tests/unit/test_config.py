@@ -492,6 +492,9 @@ EXPECTED_TABLE = [
     ("m3u8", "ACEXY_M3U8", (), "m3u8", "false"),
     ("log_format", "ACEXY_LOG_FORMAT", (), "log-format", "text"),
     ("access_log", "ACEXY_ACCESS_LOG", (), "access-log", "false"),
+    ("playlists", "ACEXY_PLAYLISTS", (), "playlists", ""),
+    ("public_url", "ACEXY_PUBLIC_URL", (), "public-url", ""),
+    ("playlist_refresh", "ACEXY_PLAYLIST_REFRESH", (), "playlist-refresh", "10m"),
 ]
 
 
