@@ -26,7 +26,6 @@ from acexy_tw.logs import get_logger
 from acexy_tw.metrics import Metrics
 from acexy_tw.playlists import PlaylistError, Playlists, UnknownPlaylist, rewrite
 from acexy_tw.engine import NoEngine
-from acexy_tw.engine import discard_body
 from acexy_tw.streaming.hls import HlsSessions, SegmentRelay
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.session import ShuttingDown

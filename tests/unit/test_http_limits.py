@@ -22,7 +22,7 @@ from acexy_tw import _twisted_compat as compat
 from acexy_tw import logs
 from acexy_tw.service import AcexyService
 from acexy_tw.testing import CID, InMemoryProxy
-from acexy_tw.web.server import HEALTH_SLOTS, LOGGED_URI_LIMIT, AcexyRequest, QuietSite
+from acexy_tw.web.server import HEALTH_SLOTS, LOGGED_URI_LIMIT, AcexyRequest
 
 TOKEN = "s3cr&t#to+ken%"  # needs URL-encoding in a query
 QUOTED = "s3cr%26t%23to%2Bken%25"
