@@ -169,12 +169,16 @@ class Playlists:
     def names(self) -> list[str]:
         return sorted(self._sources)
 
+    def fresh(self, name: str) -> bool:
+        """A copy of ``name`` younger than ``refresh`` is held (served without asking the source)."""
+        cached = self._cache.get(name)
+        return cached is not None and self._clock.seconds() - cached.fetched_at < self.refresh
+
     def get(self, name: str) -> Deferred[bytes]:
         if name not in self._sources:
             raise UnknownPlaylist(name)
-        cached = self._cache.get(name)
-        if cached is not None and self._clock.seconds() - cached.fetched_at < self.refresh:
-            return succeed(cached.body)
+        if self.fresh(name):
+            return succeed(self._cache[name].body)
         waiter: Deferred[bytes] = Deferred()
         waiters = self._inflight.get(name)
         if waiters is not None:

@@ -7,14 +7,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from acexy_tw.streaming.mpegts import PACKET_SIZE
-from tests.integration.harness import CID, Player, cid, get_json, get_text, reactor, sim_engine, start_proxy, within
+from tests.integration.harness import CID, Player, cid, get_json, get_text, reactor, sim_engine, start_proxy, wait_until, within
 
 OTHER = cid(7)
 M3U = (
@@ -74,8 +74,9 @@ def temp_dir(test: TestCase) -> Path:
     return path
 
 
-async def pause(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
+def expired(proxy, name: str = "tv") -> Deferred:
+    """Fires once the proxy's cached copy of ``name`` is older than ACEXY_PLAYLIST_REFRESH."""
+    return wait_until(lambda: not proxy.service.web.playlists.fresh(name), "the cached copy to expire")
 
 
 class PlaylistTests(TestCase):
@@ -96,7 +97,7 @@ class PlaylistTests(TestCase):
         code, text = await get_text(self, proxy.url("/ace/playlist/tv.m3u8?hls=1"))
         self.assertIn(f"{here}/ace/manifest.m3u8?id={CID}\r\n", text)
         self.assertEqual(source.requests, [None])  # cached
-        await pause(0.2)
+        await expired(proxy)
         code, again = await get_text(self, proxy.url("/ace/playlist/tv.m3u"))
         self.assertEqual((code, again), (200, expected))
         self.assertEqual(source.requests, [None, b'"v1"'])  # revalidated: 304
@@ -195,7 +196,7 @@ class PlaylistTests(TestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        await pause(0.1)
+        await expired(proxy)
         code, stale = await get_text(self, proxy.url("/ace/playlist/tv.m3u"))
         self.assertEqual((code, stale), (200, first))
         self.assertEqual(len(source.requests), 2)
