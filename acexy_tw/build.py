@@ -125,7 +125,8 @@ def build(
     the reactor is a ``Clock``); everything else is always built here."""
     pool: Optional[HTTPConnectionPool] = None
     http: Optional[HTTPClient] = None
-    if make_engine is None or (config.orch_url and orchestrator is None):
+    # One pool for whatever speaks HTTP here: engines, the orchestrator, playlist sources.
+    if make_engine is None or (config.orch_url and orchestrator is None) or config.playlists:
         pool = make_pool(reactor)
         http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=config.no_response_timeout))
     if make_engine is None:
@@ -143,6 +144,8 @@ def build(
             timeout=config.no_response_timeout,
             provision_timeout=config.provision_timeout,
         )
+    #: provisioning re-posts after a timeout and event delivery: 3 tries, 1 s then 2 s apart
+    short_retry = RetryPolicy(3, initial=1.0, cap=10.0, jitter=jitter)
     monitor: Optional[HealthMonitor] = None
     events: Optional[EventReporter] = None
     if orchestrator is not None:
@@ -156,7 +159,7 @@ def build(
         events = EventReporter(
             orchestrator,
             reactor,
-            retry=RetryPolicy(3, initial=1.0, cap=10.0, jitter=jitter),
+            retry=short_retry,
             on_auth_error=monitor.note_auth_failure,
         )
 
@@ -170,7 +173,7 @@ def build(
         health_interval=config.health_interval,
         outage_poll_interval=config.outage_poll_interval,
         engine_ready_timeout=config.engine_ready_timeout,
-        retry=RetryPolicy(3, initial=1.0, cap=10.0, jitter=jitter),
+        retry=short_retry,
     )
     limit = SessionLimit(config.max_sessions)
     registry = SessionRegistry(
@@ -205,9 +208,7 @@ def build(
     budget = BacklogBudget(config.max_backlog, clock=reactor)
     playlists: Optional[Playlists] = None
     if config.playlists:  # ACEXY_PLAYLISTS: sources fetched over the proxy's own pool
-        if http is None:
-            pool = make_pool(reactor)
-            http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=config.no_response_timeout))
+        assert http is not None
         playlists = Playlists(
             config.playlists,
             http,
