@@ -155,7 +155,8 @@ class _StandInReactor:
         pass
 
     def removeWriter(self, writer: Any) -> None:
-        pass
+        if writer in self.writers:
+            self.writers.remove(writer)
 
 
 class _StandInSocket:

@@ -72,39 +72,9 @@ def test_an_unknown_attribute_is_an_attribute_error() -> None:
 # --- helpers -------------------------------------------------------------------
 
 
-class Socket:
-    """Takes ``limit`` bytes per send."""
-
-    def __init__(self, limit: int) -> None:
-        self.sent: list[bytes] = []
-        self._limit = limit
-
-    def setblocking(self, flag: bool) -> None:
-        pass
-
-    def fileno(self) -> int:
-        return -1
-
-    def send(self, data: Any) -> int:
-        self.sent.append(bytes(data[: self._limit]))
-        return len(self.sent[-1])
-
-
-class Reactor:
-    def __init__(self) -> None:
-        self.writers: list[Any] = []
-
-    def addReader(self, reader: Any) -> None:
-        pass
-
-    def addWriter(self, writer: Any) -> None:
-        self.writers.append(writer)
-
-    def removeReader(self, reader: Any) -> None:
-        pass
-
-    def removeWriter(self, writer: Any) -> None:
-        self.writers.remove(writer)
+# The feature tests' own stand-ins: a socket taking ``limit`` bytes per send, a reactor recording writers.
+Socket = compat._StandInSocket
+Reactor = compat._StandInReactor
 
 
 def server(limit: int = 1 << 30) -> tuple[tcp.Server, Socket, Reactor]:
