@@ -54,7 +54,7 @@ from common import (  # noqa: E402
     source_line,
     source_state,
     timestamp,
-    write_json,
+    finish,
 )
 from memory import HOLD, sample_rss  # noqa: E402
 
@@ -262,10 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         signal.alarm(0)
         children.stop_all()
-    report["wall_seconds"] = round(time.monotonic() - started, 1)
-    write_json(report, args.json, "backlog", stamp)
-    print(render(report))
-    print(f"wall time {report['wall_seconds']} s")
+    finish(report, args.json, "backlog", stamp, started, render(report))
     return 1 if report["errors"] else 0
 
 

@@ -746,6 +746,14 @@ def write_json(report: Dict[str, Any], path: Optional[Path], name: str, stamp: s
     return path
 
 
+def finish(report: Dict[str, Any], path: Optional[Path], name: str, stamp: str, started: float, text: str) -> None:
+    """A bench's ending: its wall time, the JSON file, the table and the wall time printed."""
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
+    write_json(report, path, name, stamp)
+    print(text)
+    print(f"wall time {report['wall_seconds']} s")
+
+
 class OutOfTime(BaseException):
     """The overall time limit: a BaseException, so no per-row handler swallows it."""
 

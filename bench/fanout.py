@@ -57,7 +57,7 @@ from common import (  # noqa: E402
     summary,
     tcp_ext_counters,
     timestamp,
-    write_json,
+    finish,
 )
 
 GOOD_RATIO = 0.90
@@ -392,10 +392,7 @@ def run_main(
     for row in report["runs"]:
         if socat and row.get("proxy_cpu_s_per_gb") is not None:
             row["proxy_over_socat_relay"] = round(row["proxy_cpu_s_per_gb"] / socat, 2)
-    report["wall_seconds"] = round(time.monotonic() - started, 1)
-    write_json(report, args.json, name, stamp)
-    print(render(report, title, label))
-    print(f"wall time {report['wall_seconds']} s")
+    finish(report, args.json, name, stamp, started, render(report, title, label))
     failed = report["errors"] or any(not r.get("sessions", {}).get("ok", False) for r in report["runs"])
     return 1 if failed else 0
 

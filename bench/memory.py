@@ -46,7 +46,7 @@ from common import (  # noqa: E402
     source_line,
     source_state,
     timestamp,
-    write_json,
+    finish,
 )
 
 HOLD = 600.0  # clients hold on until STOP
@@ -248,10 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         signal.alarm(0)
         children.stop_all()
-    report["wall_seconds"] = round(time.monotonic() - started, 1)
-    write_json(report, args.json, "memory", stamp)
-    print(render(report))
-    print(f"wall time {report['wall_seconds']} s")
+    finish(report, args.json, "memory", stamp, started, render(report))
     return 1 if report["errors"] else 0
 
 
