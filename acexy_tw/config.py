@@ -41,6 +41,7 @@ __all__ = [
     "parse_bool",
     "parse_buffer_size",
     "parse_duration",
+    "parse_engines",
     "parse_host",
     "parse_listen",
     "parse_log_level",
@@ -292,6 +293,46 @@ def parse_host(text: str) -> str:
     if not _HOSTNAME_RE.fullmatch(s):
         raise ValueError("not a host name or IP address")
     return s
+
+
+def parse_engine(text: str) -> tuple[str, str, int]:
+    """
+    One pool engine: ``host:port``, ``[IPv6]:port`` or ``http(s)://host:port``
+    (no path). Returns ``(scheme, host, port)``; the scheme is ``""`` when not
+    given (``ACEXY_SCHEME`` applies).
+    """
+    s = text.strip()
+    scheme = ""
+    if "://" in s:
+        scheme, _, s = s.partition("://")
+        scheme = parse_scheme(scheme)
+    if "/" in s or "?" in s or "#" in s:
+        raise ValueError(f"{text.strip()!r}: an engine is host:port, with no path")
+    if s.startswith("["):
+        host, sep, port = s[1:].partition("]:")
+    else:
+        host, sep, port = s.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text.strip()!r}: give each engine as host:port (e.g. 192.168.1.20:6878)")
+    try:
+        return scheme, parse_host(f"[{host}]" if s.startswith("[") else host), parse_port(port)
+    except ValueError as e:
+        raise ValueError(f"{text.strip()!r}: {e}") from None
+
+
+def parse_engines(text: str) -> tuple[tuple[str, str, int], ...]:
+    """``ACEXY_ENGINES``: comma-separated engines (see :func:`parse_engine`), no duplicates."""
+    engines: list[tuple[str, str, int]] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        engine = parse_engine(part)
+        if any(e[1:] == engine[1:] for e in engines):
+            raise ValueError(f"{part.strip()!r} is listed twice")
+        engines.append(engine)
+    if not engines:
+        raise ValueError("no engine given (host:port, comma-separated)")
+    return tuple(engines)
 
 
 _LOG_LEVELS: Mapping[str, str] = MappingProxyType(
@@ -613,6 +654,19 @@ SETTINGS: tuple[Setting, ...] = (
         help="Scheme for the engine: http or https",
     ),
     Setting(
+        field="engines",
+        env="ACEXY_ENGINES",
+        aliases=(),
+        option="engines",
+        default="",
+        parser=optional(parse_engines),
+        help=(
+            "Engine pool: comma-separated host:port or http(s)://host:port; each is probed every "
+            "ACEXY_HEALTH_INTERVAL and new streams go to the healthy one with the fewest "
+            "(empty: ACEXY_HOST:ACEXY_PORT alone)"
+        ),
+    ),
+    Setting(
         field="no_response_timeout",
         env="ACEXY_NO_RESPONSE_TIMEOUT",
         aliases=(),
@@ -684,7 +738,10 @@ SETTINGS: tuple[Setting, ...] = (
         option="max-streams-per-engine",
         default="1",
         parser=parse_streams_per_engine,
-        help="Streams one orchestrated engine may carry before another is used or provisioned",
+        help=(
+            "Streams one engine (orchestrated, or of ACEXY_ENGINES) may carry before another is used "
+            "or provisioned; a full pool holds new players"
+        ),
     ),
     Setting(
         field="health_interval",
@@ -905,6 +962,7 @@ class Config:
     buffer_size: int  # bytes, 0 < n <= 1GiB
     linger: float  # seconds, >= 0
     log_level: str  # "debug" | "info" | "warn" | "error"
+    engines: Optional[tuple[tuple[str, str, int], ...]] = None  # ACEXY_ENGINES (scheme or "", host, port)
     orch_url: Optional[str] = None  # None: no orchestrator
     orch_apikey: Optional[str] = field(default=None, repr=False)  # secret: never in repr/logs
     max_streams_per_engine: int = 1

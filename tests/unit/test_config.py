@@ -21,6 +21,7 @@ from acexy_tw.config import (
     parse_bool,
     parse_buffer_size,
     parse_duration,
+    parse_engines,
     parse_host,
     parse_listen,
     parse_log_level,
@@ -299,6 +300,47 @@ def test_parse_host_bad(text: str, reason: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "text, engines",
+    [
+        ("box1:6878", (("", "box1", 6878),)),
+        ("192.168.1.20:6878, 192.168.1.21:6879", (("", "192.168.1.20", 6878), ("", "192.168.1.21", 6879))),
+        ("https://engine.lan:443,http://10.0.0.2:6878", (("https", "engine.lan", 443), ("http", "10.0.0.2", 6878))),
+        ("[::1]:6878", (("", "::1", 6878),)),
+        ("a:1,,b:2,", (("", "a", 1), ("", "b", 2))),
+    ],
+)
+def test_parse_engines_good(text: str, engines: tuple) -> None:
+    assert parse_engines(text) == engines
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("box1", "host:port"),
+        ("box1:", "port"),
+        (":6878", "host:port"),
+        ("box1:99999", "port"),
+        ("ftp://box1:6878", "scheme"),
+        ("http://box1:6878/ace", "no path"),
+        ("a:1,b:2,a:1", "listed twice"),
+        ("http://a:1,https://a:1", "listed twice"),
+        (" , ", "no engine"),
+        ("bad host:1", "spaces"),
+    ],
+)
+def test_parse_engines_bad(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        parse_engines(text)
+
+
+def test_bad_engines_variable_is_named() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config({"ACEXY_ENGINES": "box1:6878,box2"})
+    assert caught.value.variable == "ACEXY_ENGINES"
+    assert "box2" in str(caught.value)
+
+
+@pytest.mark.parametrize(
     "text, level",
     [
         ("debug", "debug"),
@@ -465,6 +507,7 @@ EXPECTED_TABLE = [
     ("engine_host", "ACEXY_HOST", (), "engine-host", "localhost"),
     ("engine_port", "ACEXY_PORT", (), "engine-port", "6878"),
     ("engine_scheme", "ACEXY_SCHEME", (), "engine-scheme", "http"),
+    ("engines", "ACEXY_ENGINES", (), "engines", ""),
     ("no_response_timeout", "ACEXY_NO_RESPONSE_TIMEOUT", (), "no-response-timeout", "10s"),
     ("empty_timeout", "ACEXY_EMPTY_TIMEOUT", (), "empty-timeout", "60s"),
     ("buffer_size", "ACEXY_BUFFER_SIZE", ("ACEXY_BUFFER",), "buffer-size", "4MiB"),
