@@ -4,7 +4,8 @@ Settings: environment variables and command-line options -> a validated ``Config
 Everything the proxy can be told lives in one table, :data:`SETTINGS`. Each row
 names the ``Config`` field, the environment variable (acexy's name first, then
 the aliases used by forks), the ``twistd`` option, the default *as text* and the
-parser. The twistd ``Options`` (:func:`option_parameters`) and the docs
+parser. The twistd ``Options`` (:func:`option_parameters`, and
+:func:`option_flags` for the booleans, plain switches) and the docs
 (:func:`settings_markdown`) are generated from the table, so adding a setting
 means adding one row and one ``Config`` field, nothing else.
 
@@ -22,6 +23,7 @@ and by unit tests that never start a reactor.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import re
@@ -36,6 +38,7 @@ __all__ = [
     "SETTINGS",
     "Setting",
     "load_config",
+    "option_flags",
     "option_parameters",
     "optional",
     "parse_bool",
@@ -53,6 +56,7 @@ __all__ = [
     "parse_scheme",
     "parse_size",
     "settings_markdown",
+    "unknown_env_warnings",
 ]
 
 T = TypeVar("T")
@@ -612,6 +616,12 @@ class Setting:
         """The primary variable, then the aliases, in order of precedence."""
         return (self.env, *self.aliases)
 
+    @property
+    def is_flag(self) -> bool:
+        """A boolean: a plain switch on the command line (``--m3u8``), any
+        :func:`parse_bool` text in the environment."""
+        return self.parser is parse_bool
+
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
@@ -901,6 +911,18 @@ SETTINGS: tuple[Setting, ...] = (
         help="Serve /ace/getstream as HLS (acexy's meaning)",
     ),
     Setting(
+        field="m3u8_stream_timeout",
+        env="ACEXY_M3U8_STREAM_TIMEOUT",
+        aliases=(),
+        option="m3u8-stream-timeout",
+        default="60s",
+        parser=parse_non_negative_duration,
+        help=(
+            "An HLS session is stopped this long after its players' last playlist or segment "
+            "request (acexy's meaning; never sooner than three target durations)"
+        ),
+    ),
+    Setting(
         field="log_format",
         env="ACEXY_LOG_FORMAT",
         aliases=(),
@@ -983,6 +1005,7 @@ class Config:
     max_connections: int = 1024
     token: Optional[str] = field(default=None, repr=False)  # secret: never in repr/logs
     m3u8: bool = False
+    m3u8_stream_timeout: float = 60.0  # seconds, >= 0: HLS session idle close
     log_format: str = "text"
     access_log: bool = False
     playlists: tuple[tuple[str, str], ...] = ()  # (name, URL or path)
@@ -1005,12 +1028,25 @@ def _option_help(setting: Setting) -> str:
 
 def option_parameters() -> list[list[Any]]:
     """
-    ``optParameters`` rows for ``twisted.python.usage.Options``.
+    ``optParameters`` rows for ``twisted.python.usage.Options``: every
+    setting that takes a value (the booleans are :func:`option_flags`).
 
     Every default is ``None`` so :func:`load_config` can tell "not given on
     the command line" from any given value; the real default is in the help.
     """
-    return [[s.option, None, None, _option_help(s)] for s in SETTINGS]
+    return [[s.option, None, None, _option_help(s)] for s in SETTINGS if not s.is_flag]
+
+
+def option_flags() -> list[list[Any]]:
+    """
+    ``optFlags`` rows for ``twisted.python.usage.Options``: the boolean
+    settings, as switches (``twistd acexy --m3u8``).
+
+    A switch can only say "true": given, it beats the environment; not given
+    (``usage.Options`` stores 0), the environment and then the default apply,
+    so ``ACEXY_M3U8=true`` with no switch is still true.
+    """
+    return [[s.option, None, _option_help(s)] for s in SETTINGS if s.is_flag]
 
 
 def settings_markdown() -> str:
@@ -1039,7 +1075,8 @@ def load_config(
     Read every setting and build a :class:`Config`.
 
     For each setting the first of these wins: the command-line option (keyed
-    by option name, as ``usage.Options`` stores it; ``None`` means not given),
+    by option name, as ``usage.Options`` stores it; ``None`` means not given,
+    and so does a boolean switch's ``0``),
     the primary environment variable, each alias in order, the default. An
     environment variable set to the empty string counts as unset, as acexy and
     docker-compose users expect (``ACEXY_PORT=`` in a compose file).
@@ -1064,7 +1101,9 @@ def _pick(
     setting: Setting, env: Mapping[str, str], options: Mapping[str, Optional[str]]
 ) -> tuple[str, Optional[str], Optional[str]]:
     """(text, variable it came from or None for the default, option or None)."""
-    given = options.get(setting.option)
+    given: Any = options.get(setting.option)
+    if setting.is_flag and isinstance(given, (bool, int)):  # a usage.Options switch: 0 or 1
+        given = "true" if given else None
     if given is not None:
         return given, setting.env, setting.option
     for name in setting.env_names:
@@ -1072,3 +1111,33 @@ def _pick(
         if value:  # unset or "" -> keep looking
             return value, name, None
     return setting.default, None, None
+
+
+def unknown_env_warnings(env: Mapping[str, str]) -> list[str]:
+    """
+    One warning for each ``ACEXY_*`` variable in ``env`` that is no setting's
+    name or alias, naming the closest known name when one is close, e.g.
+    ``unknown ACEXY_BUFER_SIZE (did you mean ACEXY_BUFFER_SIZE?)``.
+
+    acexy silently ignored a misspelt variable, so a typo in a compose file
+    went unnoticed until the default misbehaved. Here it is a warning, never
+    an error (a variable meant for another tool must not stop start-up).
+    Values are never read into the message: a misspelt API key is still a
+    secret. Sorted by name, so start-up logs are stable.
+    """
+    known = [name for s in SETTINGS for name in s.env_names]
+    # Compared without the common prefix, which would make every name look close to some setting.
+    by_suffix = {name[len(_ENV_PREFIX):]: name for name in known}
+    warnings = []
+    for name in sorted(env):
+        if not name.upper().startswith(_ENV_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name[len(_ENV_PREFIX):].upper(), by_suffix, n=1)
+        if close:
+            warnings.append(f"unknown {name} (did you mean {by_suffix[close[0]]}?)")
+        else:
+            warnings.append(f"unknown {name} (not an acexy-tw setting; twistd acexy --help lists them)")
+    return warnings
+
+
+_ENV_PREFIX = "ACEXY_"

@@ -16,6 +16,7 @@ from acexy_tw.config import (
     ConfigError,
     Setting,
     load_config,
+    option_flags,
     option_parameters,
     optional,
     parse_bool,
@@ -28,6 +29,7 @@ from acexy_tw.config import (
     parse_non_negative_duration,
     parse_port,
     parse_positive_duration,
+    unknown_env_warnings,
     parse_scheme,
     parse_size,
     settings_markdown,
@@ -533,6 +535,7 @@ EXPECTED_TABLE = [
     ("max_connections", "ACEXY_MAX_CONNECTIONS", (), "max-connections", "1024"),
     ("token", "ACEXY_TOKEN", (), "token", ""),
     ("m3u8", "ACEXY_M3U8", (), "m3u8", "false"),
+    ("m3u8_stream_timeout", "ACEXY_M3U8_STREAM_TIMEOUT", (), "m3u8-stream-timeout", "60s"),
     ("log_format", "ACEXY_LOG_FORMAT", (), "log-format", "text"),
     ("access_log", "ACEXY_ACCESS_LOG", (), "access-log", "false"),
     ("playlists", "ACEXY_PLAYLISTS", (), "playlists", ""),
@@ -609,29 +612,53 @@ def test_engine_url(host: str, scheme: str, port: str, url: str) -> None:
     assert load_config(env).engine_url == url
 
 
-def test_option_parameters_cover_every_setting_with_default_none() -> None:
-    params = option_parameters()
-    assert [p[0] for p in params] == [s.option for s in SETTINGS]
-    for row, setting in zip(params, SETTINGS):
+BOOLEANS = ["m3u8", "access-log"]
+
+
+def test_the_boolean_settings_are_the_parse_bool_ones() -> None:
+    assert [s.option for s in SETTINGS if s.is_flag] == BOOLEANS
+    assert all(s.parser is parse_bool for s in SETTINGS if s.is_flag)
+
+
+def test_option_parameters_and_flags_cover_every_setting() -> None:
+    params, flags = option_parameters(), option_flags()
+    assert [p[0] for p in params] == [s.option for s in SETTINGS if s.option not in BOOLEANS]
+    assert [f[0] for f in flags] == BOOLEANS
+    by_option = {s.option: s for s in SETTINGS}
+    for row in params:  # optParameters: [long, short, default, help]
         assert len(row) == 4
         long_name, short, default, help_text = row
         assert short is None
         assert default is None
+        setting = by_option[long_name]
         assert setting.env in help_text
         for alias in setting.aliases:
             assert alias in help_text
         assert f"default: {setting.default}" in help_text
+    for row in flags:  # optFlags: [long, short, help]
+        assert len(row) == 3
+        long_name, short, help_text = row
+        assert short is None
+        assert f"env {by_option[long_name].env}" in help_text
+        assert "default: false" in help_text
 
 
-def test_option_parameters_work_with_usage_options() -> None:
+def _options_class():
     from twisted.python import usage
 
     class Options(usage.Options):
         optParameters = option_parameters()
+        optFlags = option_flags()
 
+    return Options
+
+
+def test_option_parameters_work_with_usage_options() -> None:
+    Options = _options_class()
     opts = Options()
     opts.parseOptions([])
-    assert all(opts[s.option] is None for s in SETTINGS)
+    assert all(opts[s.option] is None for s in SETTINGS if not s.is_flag)
+    assert all(opts[s.option] == 0 for s in SETTINGS if s.is_flag)  # usage.Options' "not given"
 
     opts = Options()
     opts.parseOptions(["--buffer-size", "8MiB", "--linger=0"])
@@ -639,6 +666,58 @@ def test_option_parameters_work_with_usage_options() -> None:
     assert cfg.buffer_size == 8 * MiB
     assert cfg.linger == 0.0
     assert "ACEXY_BUFFER_SIZE" in opts.getUsage()
+
+
+def test_a_boolean_option_is_a_plain_switch() -> None:
+    from twisted.python import usage
+
+    Options = _options_class()
+    opts = Options()
+    opts.parseOptions(["--m3u8", "--access-log"])
+    cfg = load_config({}, opts)
+    assert (cfg.m3u8, cfg.access_log) == (True, True)
+    with pytest.raises(usage.UsageError):  # a switch takes no value
+        Options().parseOptions(["--m3u8=true"])
+
+
+@pytest.mark.parametrize(
+    "argv, env, expected",
+    [
+        ([], {}, False),
+        ([], {"ACEXY_M3U8": "true"}, True),  # no switch: the environment still applies
+        ([], {"ACEXY_M3U8": "1"}, True),
+        ([], {"ACEXY_M3U8": "on"}, True),
+        ([], {"ACEXY_M3U8": "false"}, False),
+        ([], {"ACEXY_M3U8": "0"}, False),
+        ([], {"ACEXY_M3U8": "off"}, False),
+        (["--m3u8"], {}, True),
+        (["--m3u8"], {"ACEXY_M3U8": "false"}, True),  # the switch beats the environment
+        (["--m3u8"], {"ACEXY_M3U8": "no"}, True),
+        (["--m3u8"], {"ACEXY_M3U8": "true"}, True),
+    ],
+)
+def test_switch_env_and_default_precedence(argv: list[str], env: dict[str, str], expected: bool) -> None:
+    opts = _options_class()()
+    opts.parseOptions(argv)
+    assert load_config(env, opts).m3u8 is expected
+
+
+def test_switch_not_given_lets_a_bad_env_value_fail() -> None:
+    opts = _options_class()()
+    opts.parseOptions([])
+    with pytest.raises(ConfigError) as info:
+        load_config({"ACEXY_M3U8": "maybe"}, opts)
+    assert info.value.variable == "ACEXY_M3U8"
+    opts.parseOptions(["--m3u8"])  # given: the environment is not read
+    assert load_config({"ACEXY_M3U8": "maybe"}, opts).m3u8 is True
+
+
+def test_boolean_options_as_text_still_work() -> None:
+    """Callers that pass a plain mapping of text (the integration harness) keep working."""
+    assert load_config({"ACEXY_M3U8": "true"}, {"m3u8": "false"}).m3u8 is False
+    assert load_config({}, {"m3u8": "yes"}).m3u8 is True
+    assert load_config({"ACEXY_M3U8": "true"}, {"m3u8": False}).m3u8 is True  # False: not given
+    assert load_config({}, {"m3u8": True}).m3u8 is True
 
 
 def test_settings_markdown_lists_every_setting() -> None:
@@ -860,6 +939,78 @@ def test_config_error_str_formats() -> None:
     assert str(ConfigError("ACEXY_X", "v", "bad")) == "ACEXY_X='v': bad"
     assert str(ConfigError("ACEXY_X", "v", "bad", "x")) == "ACEXY_X (--x)='v': bad"
     assert str(ConfigError("ACEXY_X", "v", "bad", secret=True)) == "ACEXY_X=<redacted>: bad"
+
+
+# ---------------------------------------------------------------------------
+# acexy compatibility: ACEXY_M3U8_STREAM_TIMEOUT, unknown variables
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, seconds", [("60s", 60.0), ("1m", 60.0), ("2m30s", 150.0), ("90", 90.0),
+                                           ("500ms", 0.5), ("0", 0.0)])  # fmt: skip
+def test_m3u8_stream_timeout_takes_go_durations(text: str, seconds: float) -> None:
+    assert load_config({"ACEXY_M3U8_STREAM_TIMEOUT": text}).m3u8_stream_timeout == seconds
+    assert load_config({}, {"m3u8-stream-timeout": text}).m3u8_stream_timeout == seconds
+
+
+def test_m3u8_stream_timeout_default_is_acexys_60s() -> None:
+    assert load_config({}).m3u8_stream_timeout == 60.0
+
+
+@pytest.mark.parametrize("text", ["-1s", "soon", "1m30"])
+def test_a_bad_m3u8_stream_timeout_is_an_error_not_zero(text: str) -> None:
+    with pytest.raises(ConfigError) as info:  # acexy made it 0: every HLS session stopped at once
+        load_config({"ACEXY_M3U8_STREAM_TIMEOUT": text})
+    assert info.value.variable == "ACEXY_M3U8_STREAM_TIMEOUT"
+
+
+def test_a_misspelt_variable_names_the_closest_setting() -> None:
+    assert unknown_env_warnings({"ACEXY_BUFER_SIZE": "8MiB"}) == [
+        "unknown ACEXY_BUFER_SIZE (did you mean ACEXY_BUFFER_SIZE?)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, closest",
+    [
+        ("ACEXY_M3U8_TIMEOUT", "ACEXY_M3U8_STREAM_TIMEOUT"),
+        ("ACEXY_ORCH_API_KEY", "ACEXY_ORCH_APIKEY"),
+        ("ACEXY_LISTEN", "ACEXY_LISTEN_ADDR"),
+        ("ACEXY_BUFFERSIZE", "ACEXY_BUFFER_SIZE"),
+        ("ACEXY_EMPTY_TIMOUT", "ACEXY_EMPTY_TIMEOUT"),
+        ("ACEXY_ENGINE", "ACEXY_ENGINES"),
+        ("ACEXY_port", "ACEXY_PORT"),  # the case is wrong (variables are case-sensitive)
+        ("acexy_log_level", "ACEXY_LOG_LEVEL"),
+    ],
+)
+def test_close_matches_cover_names_and_aliases(name: str, closest: str) -> None:
+    assert unknown_env_warnings({name: "x"}) == [f"unknown {name} (did you mean {closest}?)"]
+
+
+def test_a_name_close_to_no_setting_still_warns_without_a_guess() -> None:
+    [warning] = unknown_env_warnings({"ACEXY_FOO": "1"})
+    assert warning.startswith("unknown ACEXY_FOO (")
+    assert "did you mean" not in warning
+
+
+def test_known_names_aliases_and_other_variables_give_no_warning() -> None:
+    env = {name: "x" for s in SETTINGS for name in s.env_names}
+    env.update({"PATH": "/usr/bin", "HOME": "/root", "XACEXY_PORT": "1", "ACEXYPORT": "1"})
+    assert unknown_env_warnings(env) == []
+    assert unknown_env_warnings({}) == []
+
+
+def test_warnings_never_show_the_value_and_are_sorted() -> None:
+    env = {"ACEXY_ORCH_APIKY": "sk-hunter2-secret", "ACEXY_TOKN": "tok-hunter2-secret", "ACEXY_BUFER": ""}
+    warnings = unknown_env_warnings(env)
+    assert [w.split()[1] for w in warnings] == ["ACEXY_BUFER", "ACEXY_ORCH_APIKY", "ACEXY_TOKN"]
+    assert "hunter2" not in " ".join(warnings)
+    assert warnings[1] == "unknown ACEXY_ORCH_APIKY (did you mean ACEXY_ORCH_APIKEY?)"
+    assert warnings[2] == "unknown ACEXY_TOKN (did you mean ACEXY_TOKEN?)"
+
+
+def test_unknown_variables_never_stop_load_config() -> None:
+    assert load_config({"ACEXY_BUFER_SIZE": "garbage"}) == load_config({})
 
 
 # ---------------------------------------------------------------------------
