@@ -1,7 +1,9 @@
 """
 ``twistd -n acexy`` as a user starts it: the demo serves valid MPEG-TS, SIGTERM
 stops everything within 5 s (engine sessions stopped), bad settings stop
-start-up with the variable named, and the plugin ships correctly.
+start-up with the variable named, boolean settings are plain switches, an
+unknown ACEXY_* variable is a warning, ``twistd acexy --version`` is
+acexy-tw's, and the plugin ships correctly.
 """
 
 from __future__ import annotations
@@ -226,6 +228,44 @@ async def test_flag_beats_env(reactor):
     proc.port.addErrback(lambda _: None)
     assert status == 1
     assert "ACEXY_BUFFER_SIZE (--buffer-size)='nonsense'" in proc.output.decode(errors="replace")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_boolean_is_a_switch_and_a_misspelt_variable_a_warning(reactor):
+    """``--m3u8`` alone turns HLS on over an environment false; a misspelt
+    variable is named with its closest setting, its value never shown."""
+    env = clean_env(ACEXY_M3U8="false", ACEXY_BUFER_SIZE="s3cr3t-not-shown")
+    proc = spawn(reactor, "--demo", "--m3u8", "--listen", "tcp:0:interface=127.0.0.1", env=env)
+    try:
+        port = await proc.port.addTimeout(TIMEOUT, reactor)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        client = HTTPClient(Agent(reactor, pool=pool))
+        response = await client.get(f"http://127.0.0.1:{port}/ace/getstream?id={DEMO_ID}").addTimeout(
+            TIMEOUT, reactor
+        )
+        body = await response.content()
+        assert response.code == 200, body
+        assert body.startswith(b"#EXTM3U")  # ACEXY_M3U8's meaning: getstream answers with HLS
+        await pool.closeCachedConnections()
+    finally:
+        log = await stop(reactor, proc)
+    assert "ignoring unknown ACEXY_BUFER_SIZE (did you mean ACEXY_BUFFER_SIZE?)" in log
+    assert "s3cr3t" not in log
+    assert "Traceback" not in log
+
+
+def test_version_is_acexy_tws_and_twistds_own_stays_twisteds():
+    from acexy_tw._version import __version__
+
+    ours = subprocess.run([TWISTD, "acexy", "--version"], capture_output=True, text=True,
+                          env=clean_env(ACEXY_PORT="not-a-port"), cwd=ROOT, timeout=TIMEOUT)  # fmt: skip
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.startswith(f"acexy-tw {__version__.public()} ("), ours.stdout
+    theirs = subprocess.run([TWISTD, "--version"], capture_output=True, text=True, env=clean_env(),
+                            cwd=ROOT, timeout=TIMEOUT)  # fmt: skip
+    assert theirs.returncode == 0
+    assert theirs.stdout.startswith("twistd (the Twisted daemon)")
+    assert "acexy-tw" not in theirs.stdout
 
 
 def test_plugin_is_discoverable():
