@@ -270,7 +270,9 @@ def observer() -> object:
 
     global observer_installed
     observer_installed = True
-    fmt = (_configured.get("format") or os.environ.get("ACEXY_LOG_FORMAT") or "text").strip().lower()
-    path = _configured.get("logfile")
+    chosen = dict(_configured)
+    _configured.clear()  # for this observer only: twistd builds one, right after makeService
+    fmt = (chosen.get("format") or os.environ.get("ACEXY_LOG_FORMAT") or "text").strip().lower()
+    path = chosen.get("logfile")
     out = LogFile.fromFullPath(path) if path else sys.stdout  # as twistd opens its --logfile
     return observer_for(out, fmt if fmt in FORMATTERS else "text")

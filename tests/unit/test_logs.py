@@ -368,6 +368,7 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(self.out.getvalue(), "")
         [found] = compat.log_files(LogPublisher(observer))
         self.addCleanup(found.close)
+        self.assertEqual(logs._configured, {})  # used once: the next observer is the environment's
         with open(path, encoding="utf-8") as f:
             [line] = f.read().splitlines()
         self.assertEqual(json.loads(line)["message"], "hello you")
