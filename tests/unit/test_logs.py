@@ -399,3 +399,21 @@ class LogFileTests(SynchronousTestCase):
         with open(f.path + ".1", encoding="utf-8") as old, open(f.path, encoding="utf-8") as new:
             self.assertEqual([json.loads(line)["message"] for line in old], ["before"])
             self.assertEqual([json.loads(line)["message"] for line in new], ["after"])
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_the_readmes_example_line_is_what_format_json_writes(self) -> None:
+        from pathlib import Path
+
+        readme = (Path(__file__).resolve().parents[2] / "README.rst").read_text(encoding="utf-8")
+        [shown] = [line.strip() for line in readme.splitlines() if line.strip().startswith('{"time": ')]
+        example = json.loads(shown)
+        event = one_event(
+            lambda log: log.info(
+                "engine session for {key} closed ({reason}); {n} open", key=example["key"], reason=example["reason"], n=0
+            )
+        )
+        event["log_namespace"] = example["logger"]
+        event["log_time"] = 1796122954.9901  # 2026-12-01T11:02:34.990Z
+        line = logs.format_json(event)
+        self.assertEqual(line, shown + "\n")
