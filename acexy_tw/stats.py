@@ -10,10 +10,15 @@ Live stats of one engine session (issue #13, point 3).
   failure counted and never fatal) and samples the session's byte counters
   once a second. :meth:`SessionStats.stop` cancels every timer and the
   request in flight.
+- :class:`History` — the last :data:`HISTORY_SPAN` seconds of one session
+  (bitrates in and out, peers), one sample every ``step`` seconds in a
+  fixed-size deque, kept across a failover (the meters restart, the graph
+  does not), so a freshly opened dashboard already draws a graph.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any, Callable, Optional
 
@@ -26,10 +31,16 @@ from acexy_tw.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["RateMeter", "SessionStats", "STAT_FIELDS", "RATE_WINDOW", "TIMER_NAMES"]
+__all__ = ["History", "RateMeter", "SessionStats", "STAT_FIELDS", "RATE_WINDOW", "TIMER_NAMES", "HISTORY_SPAN"]
 
 #: seconds the bitrates are averaged over
 RATE_WINDOW = 10
+
+#: seconds of history kept per session (the dashboard's graph)
+HISTORY_SPAN = 600
+
+#: history step (seconds) when the engine is never asked (ACEXY_STATS_INTERVAL=0)
+HISTORY_STEP_WITHOUT_POLLS = 5
 
 #: the names of a running SessionStats' two timers' functions (tests tell them apart by name)
 TIMER_NAMES = ("_stats_poll", "_stats_sample")
@@ -63,6 +74,34 @@ class RateMeter:
         return round(sum(self._ring) * 8 / len(self._ring))
 
 
+class History:
+    """
+    One sample (time, bit/s in, bit/s out, peers) every ``step`` seconds, the
+    last ``span`` seconds of them: at most ``ceil(span / step)`` samples,
+    whatever the uptime.
+    """
+
+    def __init__(self, step: float, span: float = HISTORY_SPAN) -> None:
+        self.step = max(1.0, float(step))
+        self.span = float(span)
+        self._samples: deque[tuple[float, int, int, Optional[int]]] = deque(maxlen=math.ceil(self.span / self.step))
+        self._next: Optional[float] = None
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def offer(self, now: float, bitrate_in: int, bitrate_out: int, peers: Optional[int]) -> None:
+        """Called once a second: kept if a step has passed since the last sample."""
+        if self._next is not None and now < self._next - 1e-6:
+            return
+        self._next = now + self.step
+        self._samples.append((now, bitrate_in, bitrate_out, peers))
+
+    def describe(self, now: float) -> list[list[Any]]:
+        """``[[seconds ago, bit/s in, bit/s out, peers], ...]``, oldest first, none older than ``span``."""
+        return [[round(now - t, 1), i, o, p] for t, i, o, p in self._samples if now - t <= self.span]
+
+
 class SessionStats:
     """
     :param fetch: starts one stat request (a Deferred of the engine's JSON
@@ -84,6 +123,8 @@ class SessionStats:
         self._counters = counters
         self.rate_in = RateMeter()
         self.rate_out = RateMeter()
+        #: one sample per stat poll (or every HISTORY_STEP_WITHOUT_POLLS s), the last 10 minutes
+        self.history = History(interval if interval > 0 else HISTORY_STEP_WITHOUT_POLLS)
         #: the last stat answer's fields (None until one arrived)
         self.engine: dict[str, Any] = {name: None for name in STAT_FIELDS}
         self.polls = 0
@@ -127,6 +168,7 @@ class SessionStats:
             "bitrate_out": self.rate_out.bits_per_second,
             "stat_polls": self.polls,
             "stat_failures": self.failures,
+            "history": self.history.describe(self._clock.seconds()),
         }
 
     # -- internals ---------------------------------------------------------------
@@ -141,6 +183,9 @@ class SessionStats:
         bytes_in, bytes_out = self._counters()
         self.rate_in.sample(bytes_in)
         self.rate_out.sample(bytes_out)
+        self.history.offer(
+            self._clock.seconds(), self.rate_in.bits_per_second, self.rate_out.bits_per_second, self.engine["peers"]
+        )
 
     def _stats_poll(self) -> None:
         if self._in_flight is not None:  # one request in flight at most

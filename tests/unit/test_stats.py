@@ -1,4 +1,5 @@
-"""Live stats (issue #13, point 3): the stat_url poller and the bitrate meters, on a Clock."""
+"""Live stats (issue #13, points 3 and 4): the stat_url poller, the bitrate meters
+and the 10-minute history, on a Clock."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from acexy_tw.engine import EngineError
-from acexy_tw.stats import TIMER_NAMES, RateMeter, SessionStats
+from acexy_tw.stats import HISTORY_SPAN, TIMER_NAMES, History, RateMeter, SessionStats
 from acexy_tw.streaming.session import EngineSession
 from acexy_tw.testing import CID, InMemoryProxy, our_delayed_calls, ts
 
@@ -250,3 +251,75 @@ class StatusAndMetricsTests(SynchronousTestCase):
         page = p.connect(b"/metrics").body().decode()
         self.assertIn(f"acexy_engine_bytes_received_total {5 * 188}.0", page)
         self.assertNotIn("acexy_engine_peers{", page)
+
+
+class HistoryTests(SynchronousTestCase):
+    def test_one_sample_per_step_from_once_a_second_offers(self) -> None:
+        h = History(5)
+        for t in range(0, 21):
+            h.offer(float(t), t * 100, t * 200, t)
+        self.assertEqual(
+            h.describe(20.0),
+            [[20.0, 0, 0, 0], [15.0, 500, 1000, 5], [10.0, 1000, 2000, 10], [5.0, 1500, 3000, 15], [0.0, 2000, 4000, 20]],
+        )
+
+    def test_bounded_to_the_last_ten_minutes_whatever_the_uptime(self) -> None:
+        for step in (1, 5, 7.5, 30):
+            h = History(step)
+            for t in range(0, 3 * 24 * 3600, 1):  # three days of once-a-second offers
+                h.offer(float(t), 1, 1, None)
+            samples = h.describe(3 * 24 * 3600 - 1.0)
+            self.assertLessEqual(len(samples), -(-HISTORY_SPAN // step))
+            self.assertLessEqual(max(s[0] for s in samples), HISTORY_SPAN)
+            self.assertLessEqual(min(s[0] for s in samples), step)
+
+    def test_samples_older_than_the_span_are_not_shown_after_a_pause(self) -> None:
+        h = History(5)
+        h.offer(0.0, 1, 1, 1)
+        h.offer(5.0, 2, 2, 2)
+        self.assertEqual(h.describe(604.0), [[599.0, 2, 2, 2]])
+
+    def test_a_step_below_a_second_is_a_second(self) -> None:
+        self.assertEqual(History(0.3).step, 1.0)
+
+
+class SessionHistoryTests(SynchronousTestCase):
+    def test_one_sample_per_stat_poll_with_bitrates_and_peers(self) -> None:
+        p = InMemoryProxy(stats_interval=5)
+        p.connect()
+        s = session(p)
+        for _ in range(10):
+            p.engine.response.data(ts(10))
+            p.clock.advance(1)
+        history = s.describe()["history"]
+        self.assertEqual([h[0] for h in history], [10.0, 5.0, 0.0])
+        rate = 10 * 188 * 8
+        self.assertEqual(history[0][1:], [0, 0, None])  # the first sample: nothing measured, no answer yet
+        self.assertEqual(history[-1], [0.0, rate, rate, 4])
+
+    def test_without_stat_polls_still_sampled_and_kept_across_a_failover(self) -> None:
+        p = InMemoryProxy(stats_interval=0, failover_attempts=1)
+        p.connect()
+        s = session(p)
+        for _ in range(10):
+            p.engine.response.data(ts(1))
+            p.clock.advance(1)
+        self.assertEqual(len(s.describe()["history"]), 3)  # every HISTORY_STEP_WITHOUT_POLLS (5 s)
+        p.engine.auto = False
+        p.engine.response.reset()
+        self.assertEqual(s.state, EngineSession.RECOVERING)
+        p.clock.advance(30)
+        self.assertEqual(len(s.describe()["history"]), 3)  # nothing sampled while recovering, nothing lost
+        p.engine.accept()
+        self.assertEqual(s.state, EngineSession.STREAMING)
+        self.assertEqual(len(s.describe()["history"]), 4)
+
+    def test_in_the_status_listing_for_a_fresh_dashboard(self) -> None:
+        p = InMemoryProxy(stats_interval=1)
+        p.connect()
+        for _ in range(5):
+            p.engine.response.data(ts(5))
+            p.clock.advance(1)
+        listed = json.loads(p.connect(b"/ace/status").body())["sessions"][0]
+        self.assertEqual(len(listed["history"]), 6)
+        self.assertEqual(listed["history"][-1], [0.0, 5 * 188 * 8, 5 * 188 * 8, 4])
