@@ -203,6 +203,7 @@ def build(
         on_ready=events.started if events else None,  # reported like TS sessions
         on_closed=events.ended if events else None,
         limit=limit,
+        stats_interval=config.stats_interval,  # stat_url polled as for TS sessions
     )
     metrics = Metrics(registry, placement, monitor)
     budget = BacklogBudget(config.max_backlog, clock=reactor)

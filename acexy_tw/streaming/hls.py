@@ -22,6 +22,14 @@ The session lives while its playlist is polled: ``max(linger, 3 × target
 duration)`` after the last poll or segment it is stopped (stop command sent,
 reservation released, relays closed). HLS players are never *held*: a "wait"
 answer is a 503 with Retry-After — a playlist client retries by itself.
+
+From its first engine playlist on (the HLS counterpart of a TS session's
+playback opening: the engine delivers), a session polls the engine's
+``stat_url`` with the same :class:`~acexy_tw.stats.SessionStats` as a TS
+session (every ACEXY_STATS_INTERVAL, one request in flight, failures counted,
+stopped at close), so ``/ace/status`` shows HLS sessions with the same live
+fields and history. :meth:`HlsSessions.stop` ends every session of a content at once
+(``POST /ace/stop``).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from twisted.web.http import PotentialDataLoss
 from acexy_tw.content import ContentKey
 from acexy_tw.engine import EngineClient, EngineError, NoEngine, PlaybackInfo, discard_body
 from acexy_tw.logs import get_logger
+from acexy_tw.stats import SessionStats
 
 log = get_logger(__name__)
 
@@ -72,6 +81,7 @@ class HlsSession:
         linger: float,
         on_closed: Callable[["HlsSession", str], None],
         on_ready: Optional[Callable[["HlsSession"], None]] = None,
+        stats_interval: float = 0.0,
     ) -> None:
         self.key = key
         self.stream_id: Optional[str] = None  # set when reported to the orchestrator
@@ -86,7 +96,11 @@ class HlsSession:
         self.polls = 0
         self.fetches = 0
         self.segments_served = 0
+        #: segment bytes received from the engine and sent to players (one
+        #: engine fetch per player's segment GET: the two grow together)
+        self.bytes_in = 0
         self.bytes_out = 0
+        self.close_reason: Optional[str] = None
         self.target_duration = 0.0
         #: engine URL -> opaque name, for the URIs of the current and the previous playlist
         self._names: dict[str, str] = {}
@@ -108,6 +122,13 @@ class HlsSession:
         self._start_d: Optional[Deferred] = None
         self._expiry: Optional[IDelayedCall] = None
         self._stopping: Optional[Deferred] = None
+        self.stats = SessionStats(clock, stats_interval, self._stat, lambda: (self.bytes_in, self.bytes_out))
+
+    def _stat(self) -> Optional[Deferred]:
+        """One stat request to the engine (SessionStats' fetch)."""
+        if self.engine is None or self.info is None or self.closed:
+            return None
+        return self.engine.stat(self.info)
 
     @property
     def closed(self) -> bool:
@@ -205,6 +226,8 @@ class HlsSession:
                 cached = self._parse(code, body)
             except EngineError as e:
                 cached = e
+            else:
+                self.stats.start()  # the engine delivers: poll its stat_url (no-op while running)
         self._cached = cached
         self._cached_until = self._clock.seconds() + (self.target_duration or 1.0)
         pollers, self._pollers = self._pollers, []
@@ -317,6 +340,8 @@ class HlsSession:
         if self.closed:
             return
         self.state = self.CLOSED
+        self.close_reason = reason
+        self.stats.stop()
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None
@@ -341,6 +366,32 @@ class HlsSession:
                 lambda f: log.warn("HLS stop for {key} failed: {e}", key=str(self.key), e=f.getErrorMessage())
             )
 
+    def describe(self) -> dict[str, Any]:
+        """This session as the status page shows it: the TS sessions' fields
+        (``clients`` is unknown for HLS: players are pollers), and its own."""
+        now = self._clock.seconds()
+        info = self.info
+        return {
+            "kind": "hls",
+            "key": str(self.key),
+            "state": self.state,
+            "clients": None,
+            "stat_url": info.stat_url if info else None,
+            "playback_session_id": info.playback_session_id if info else None,
+            "engine": self.engine.address.url if self.engine else None,
+            "container_id": getattr(self.engine, "container_id", None),
+            "orchestrator_stream_id": self.stream_id,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "uptime": round(now - self.created_at, 1),
+            "polls": self.polls,
+            "fetches": self.fetches,
+            "relays": len(self.relays),
+            "segments": self.segments_served,
+            "last_poll": round(now - self.last_poll, 1),
+            **self.stats.describe(),
+        }
+
     def stopped(self) -> Deferred:
         """Fires (a fresh Deferred) once the engine answered the stop (or its bound passed)."""
         d: Deferred = Deferred()
@@ -363,8 +414,10 @@ class HlsSessions:
         on_ready: Optional[Callable[[HlsSession], None]] = None,
         on_closed: Optional[Callable[[HlsSession, str], None]] = None,
         limit: Optional[Any] = None,  # the SessionLimit shared with the TS sessions
+        stats_interval: float = 0.0,  # ACEXY_STATS_INTERVAL (0: the engine's stat_url is never asked)
     ) -> None:
         self._limit = limit
+        self._stats_interval = stats_interval
         self._on_ready = on_ready
         self._on_closed = on_closed
         self._placement = placement
@@ -372,6 +425,8 @@ class HlsSessions:
         self._linger = linger
         self._by_key: dict[ContentKey, HlsSession] = {}
         self._by_sid: dict[str, HlsSession] = {}
+        #: stop commands of closed sessions not answered yet (shutdown waits for them too)
+        self._stops: set[Deferred] = set()
         self.accepting = True
 
     def __len__(self) -> int:
@@ -384,7 +439,13 @@ class HlsSessions:
         session = self._by_key.get(key)
         if session is None:
             session = HlsSession(
-                key, self._placement, self._clock, linger=self._linger, on_closed=self._closed, on_ready=self._on_ready
+                key,
+                self._placement,
+                self._clock,
+                linger=self._linger,
+                on_closed=self._closed,
+                on_ready=self._on_ready,
+                stats_interval=self._stats_interval,
             )
             try:
                 if self._limit is not None:
@@ -399,6 +460,22 @@ class HlsSessions:
     def by_sid(self, sid: str) -> Optional[HlsSession]:
         return self._by_sid.get(sid)
 
+    def find(self, value: str) -> list[HlsSession]:
+        """Sessions whose content id / infohash is ``value`` (any extras)."""
+        value = value.strip().lower()
+        return [s for s in self._by_key.values() if s.key.value == value]
+
+    def stop(self, value: str) -> int:
+        """End every session of content ``value`` (any extras) as a close does:
+        pollers and relays answered, the stop command sent, the reservation
+        released. Returns how many were open. A player polling again starts
+        a new one."""
+        sessions = self.find(value)
+        for session in sessions:
+            log.info("HLS session for {key} stopped on request", key=str(session.key))
+            session.close("stopped")
+        return len(sessions)
+
     def _closed(self, session: HlsSession, reason: str) -> None:
         if self._by_key.get(session.key) is session:
             del self._by_key[session.key]
@@ -406,33 +483,23 @@ class HlsSessions:
         if self._limit is not None:
             self._limit.close(session)
         self._placement.release(session.key, hls=True)
+        d = session.stopped()
+        if not d.called:
+            self._stops.add(d)
+            d.addBoth(lambda r: (self._stops.discard(d), r)[1])
         if self._on_closed is not None:
             self._on_closed(session, reason)
 
     def describe(self) -> list[dict[str, Any]]:
-        now = self._clock.seconds()
-        return [
-            {
-                "key": str(h.key),
-                "state": h.state,
-                "engine": h.engine.address.url if h.engine else None,
-                "polls": h.polls,
-                "fetches": h.fetches,
-                "relays": len(h.relays),
-                "segments": h.segments_served,
-                "bytes_out": h.bytes_out,
-                "last_poll": round(now - h.last_poll, 1),
-            }
-            for h in self._by_key.values()
-        ]
+        return [h.describe() for h in self._by_key.values()]
 
     def shutdown(self) -> Deferred:
-        """Close every session; fires once their stop commands are answered (each is bounded)."""
+        """Close every session; fires once every stop command is answered (each
+        is bounded): theirs, and those of sessions that closed just before."""
         self.accepting = False
-        sessions = list(self._by_key.values())
-        for session in sessions:
+        for session in list(self._by_key.values()):
             session.close("shutdown")
-        return gatherResults([s.stopped() for s in sessions]).addCallback(lambda _: None)
+        return gatherResults(list(self._stops)).addCallback(lambda _: None)
 
 
 class SegmentRelay(Protocol):
@@ -509,6 +576,7 @@ class SegmentRelay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._last_data = self._clock.seconds()
+        self.session.bytes_in += len(data)
         self.session.bytes_out += len(data)
         self.request.write(data)
 

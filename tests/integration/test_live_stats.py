@@ -48,3 +48,37 @@ class LiveStatsTests(TestCase):
         self.assertFalse(session.stats.running)
         pending = [c for c in reactor.getDelayedCalls() if any(n in repr(c) for n in TIMER_NAMES)]
         self.assertEqual(pending, [])
+
+    async def test_hls_sessions_are_polled_like_ts_ones_and_polling_stops_with_the_session(self) -> None:
+        from tests.integration.harness import get_text, http_client
+
+        engine = sim_engine(self, bitrate=BITRATE, hls_segment_duration=0.5)
+        proxy = await start_proxy(self, engine, stats_interval=f"{int(INTERVAL * 1000)}ms", linger="4s")
+        code, playlist = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
+        self.assertEqual(code, 200, playlist)
+        [session] = list(proxy.service.hls)
+        segment = [line for line in playlist.splitlines() if line and not line.startswith("#")][-1]
+        response = await within(http_client(self).get(proxy.url(segment)))
+        body = await within(response.content())
+        self.assertGreater(len(body), 188)
+        await wait_until(lambda: session.stats.describe()["peers"] is not None, "the first HLS stats", seconds=TWO_INTERVALS)
+        await wait_until(lambda: session.stats.describe()["bitrate_out"] > 0, "a measured bitrate", seconds=3)
+        code, doc = await get_json(self, proxy.url("/ace/status"))
+        [listed] = doc["hls"]
+        self.assertEqual((listed["kind"], listed["peers"]), ("hls", 4))
+        self.assertEqual(listed["speed_down"], round(BITRATE / 8 / 1024))
+        self.assertGreater(listed["bitrate_in"], 0)
+        self.assertTrue(listed["history"])
+        code, one = await get_json(self, proxy.url(f"/ace/status?id={CID}"))  # an HLS-only content is found
+        self.assertEqual((code, one["kind"], one["peers"]), (200, "hls", 4))
+        [engine_session] = engine.active_sessions
+        polled = engine_session.stat_requests
+        # (the simulator re-checks ``when`` conditions on stream events only: an HLS session has none here)
+        await wait_until(lambda: engine_session.stat_requests > polled, "another stat request", seconds=TWO_INTERVALS)
+
+        # nobody polls the playlist any more: the session expires, and so does the polling
+        await within(engine.when(lambda e: e.stop_count == 1))
+        self.assertTrue(session.closed)
+        self.assertFalse(session.stats.running)
+        pending = [c for c in reactor.getDelayedCalls() if any(n in repr(c) for n in TIMER_NAMES)]
+        self.assertEqual(pending, [])

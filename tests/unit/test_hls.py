@@ -1,4 +1,5 @@
-"""HlsSession and SegmentRelay on a task.Clock: playlist cache and mapping, relay deadlines."""
+"""HlsSession and SegmentRelay on a task.Clock: playlist cache and mapping, relay
+deadlines, live stats (stat_url polling, bitrates, history), HlsSessions.stop."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from twisted.web.http_headers import Headers
 from twisted.internet.testing import StringTransport
 
 from acexy_tw.engine import EngineAddress, EngineError, PlaybackInfo
+from acexy_tw.stats import TIMER_NAMES
 from acexy_tw.streaming.hls import HlsSession, SegmentRelay
 from acexy_tw.testing import key
 
@@ -48,6 +50,10 @@ class FakeEngine:
         self.fetches: list[Deferred] = []
         self.gets: list[tuple[str, Deferred]] = []
         self.stops = 0
+        #: what stop answers (None: at once)
+        self.stop_result: Any = None
+        #: stat requests: (info, Deferred the test fires)
+        self.stats: list[tuple[Any, Deferred]] = []
 
     def fetch(self, url: str) -> Deferred:
         d: Deferred = Deferred()
@@ -61,19 +67,31 @@ class FakeEngine:
 
     def stop(self, info: Any) -> Deferred:
         self.stops += 1
-        return succeed(None)
+        return self.stop_result if self.stop_result is not None else succeed(None)
+
+    def stat(self, info: Any) -> Deferred:
+        d: Deferred = Deferred()
+        self.stats.append((info, d))
+        return d
+
+
+STAT = {"response": {"status": "dl", "peers": 6, "speed_down": 300, "speed_up": 40, "downloaded": 123456}, "error": None}
 
 
 class FakePlacement:
-    def __init__(self, engine: FakeEngine) -> None:
+    def __init__(self, engine: FakeEngine, answer: bool = True) -> None:
         self.engine = engine
+        self.answer = answer
+        self.released: list[tuple[Any, bool]] = []
 
     def place(self, k: Any, hls: bool = False) -> Deferred:
+        if not self.answer:
+            return Deferred()
         info = PlaybackInfo(PLAYLIST_URL, f"{ENGINE}/ace/stat/abc/tok", f"{ENGINE}/ace/cmd/abc/tok", "abc", "p", 1)
         return succeed((self.engine, info))
 
     def release(self, k: Any, hls: bool = False) -> None:
-        pass
+        self.released.append((k, hls))
 
 
 class FakeChannel:
@@ -106,12 +124,43 @@ class FakeRequest:
         self.producer = None
 
 
-def ready_session(clock: Clock, linger: float = 0) -> tuple[HlsSession, FakeEngine, list[str]]:
+def ready_session(
+    clock: Clock, linger: float = 0, stats_interval: float = 0
+) -> tuple[HlsSession, FakeEngine, list[str]]:
     engine = FakeEngine()
     closed: list[str] = []
-    session = HlsSession(key(), FakePlacement(engine), clock, linger=linger, on_closed=lambda s, r: closed.append(r))
+    session = HlsSession(
+        key(), FakePlacement(engine), clock, linger=linger, on_closed=lambda s, r: closed.append(r), stats_interval=stats_interval
+    )
     session.ready()
     return session, engine, closed
+
+
+def playing_session(clock: Clock, linger: float = 600, stats_interval: float = 5) -> tuple[HlsSession, FakeEngine]:
+    """A ready session whose first engine playlist came in (its stats run from then on)."""
+    session, engine, _ = ready_session(clock, linger=linger, stats_interval=stats_interval)
+    session.playlist()
+    engine.fetches[0].callback((200, LIVE))
+    return session, engine
+
+
+def stats_timers(clock: Clock) -> list[str]:
+    """The names of the SessionStats timers pending on ``clock``."""
+    names = []
+    for call in clock.getDelayedCalls():
+        func = getattr(call.func, "f", call.func)
+        if getattr(func, "__name__", None) in TIMER_NAMES:
+            names.append(func.__name__)
+    return sorted(names)
+
+
+def not_the_sessions_own(clock: Clock, session: HlsSession) -> list:
+    """Pending calls other than the session's expiry and its stats timers."""
+    return [
+        c
+        for c in clock.getDelayedCalls()
+        if c is not session._expiry and getattr(getattr(c.func, "f", c.func), "__name__", None) not in TIMER_NAMES
+    ]
 
 
 def results(ds: list[Deferred]) -> list[Any]:
@@ -295,7 +344,7 @@ class SegmentRelayTests(SynchronousTestCase):
         self.assertFalse(request.channel.aborted)
         self.assertEqual(session.segments_served, 1)
         self.assertEqual(session.relays, set())
-        self.assertEqual(clock.getDelayedCalls(), [session._expiry])  # only the session's own expiry
+        self.assertEqual(not_the_sessions_own(clock, session), [])  # only the session's expiry and stats sampler
 
     def test_an_engine_that_never_answers_is_bounded(self) -> None:
         clock = Clock()
@@ -312,3 +361,157 @@ class SegmentRelayTests(SynchronousTestCase):
         self.failureResultOf(done)
         self.assertTrue(body.transport.producerState == "stopped")
         self.assertEqual(session.relays, set())
+
+
+class HlsStatsTests(SynchronousTestCase):
+    """An HLS session's live stats: the TS sessions' SessionStats, started with
+    the first engine playlist (the engine delivers), stopped at close."""
+
+    def test_polled_every_interval_from_the_first_playlist_and_nothing_left_after_close(self) -> None:
+        clock = Clock()
+        session, engine, _ = ready_session(clock, linger=600, stats_interval=5)
+        self.assertEqual(engine.stats, [])  # accepted, nothing delivered yet
+        session.playlist()
+        engine.fetches[0].callback((200, LIVE))
+        self.assertEqual(len(engine.stats), 1)  # at once
+        self.assertEqual(engine.stats[0][0].stat_url, f"{ENGINE}/ace/stat/abc/tok")
+        engine.stats[0][1].callback(STAT)
+        clock.advance(4.9)
+        self.assertEqual(len(engine.stats), 1)
+        clock.advance(0.1)
+        self.assertEqual(len(engine.stats), 2)  # the next one stays in flight across the close
+        d = session.describe()
+        self.assertEqual(
+            {k: d[k] for k in ("status", "peers", "speed_down", "speed_up", "downloaded")},
+            {"status": "dl", "peers": 6, "speed_down": 300, "speed_up": 40, "downloaded": 123456},
+        )
+        self.assertEqual((d["stat_polls"], d["stat_failures"]), (2, 0))
+        self.assertEqual(stats_timers(clock), sorted(TIMER_NAMES))
+        session.close("client_disconnected")
+        self.assertTrue(engine.stats[1][1].called)  # cancelled
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(session.stats.failures, 0)  # our own cancel is no failure
+        clock.advance(60)
+        self.assertEqual(len(engine.stats), 2)
+
+    def test_one_request_in_flight_and_failures_are_counted_never_fatal(self) -> None:
+        clock = Clock()
+        session, engine = playing_session(clock)
+        for _ in range(3):
+            clock.advance(5)
+        self.assertEqual(len(engine.stats), 1)  # the first never answered
+        self.assertEqual(session.stats.skipped, 3)
+        engine.stats[0][1].errback(Failure(EngineError("engine stat answered 500")))
+        clock.advance(5)
+        engine.stats[1][1].callback({"response": None, "error": "unknown playback session id"})
+        self.assertEqual(session.stats.failures, 2)
+        self.assertEqual(session.stats.last_error, "unknown playback session id")
+        self.assertEqual(session.state, HlsSession.READY)
+        session.close("shutdown")
+
+    def test_not_polled_before_the_engine_accepted_nor_while_its_playlist_fails(self) -> None:
+        clock = Clock()
+        engine = FakeEngine()
+        session = HlsSession(key(), FakePlacement(engine, answer=False), clock, linger=0, on_closed=lambda s, r: None, stats_interval=5)
+        session.ready()
+        clock.advance(30)
+        self.assertEqual(engine.stats, [])
+        self.assertEqual(stats_timers(clock), [])
+        session.close("client_disconnected")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+        session, engine, _ = ready_session(clock, linger=600, stats_interval=5)
+        d = session.playlist()
+        engine.fetches[0].callback((500, b"no"))
+        self.failureResultOf(d, EngineError)
+        clock.advance(30)
+        self.assertEqual((engine.stats, stats_timers(clock)), ([], []))
+        session.close("shutdown")
+
+    def test_relayed_bytes_make_the_bitrates_and_the_history(self) -> None:
+        clock = Clock()
+        session, engine = playing_session(clock, stats_interval=2)
+        engine.stats[0][1].callback(STAT)
+        for second in range(4):
+            relay = SegmentRelay(FakeRequest(), session, f"{ENGINE}/ace/c/abc/7.ts", clock, idle_timeout=60, max_duration=120)
+            relay.start()
+            body = FakeBody()
+            engine.gets[-1][1].callback(body)
+            body.protocol.dataReceived(b"\x47" * 188 * 10)
+            body.protocol.connectionLost(Failure(ResponseDone()))
+            clock.advance(1)
+            for _, d in engine.stats:
+                if not d.called:
+                    d.callback(STAT)
+        d = session.describe()
+        self.assertEqual((d["bytes_in"], d["bytes_out"], d["segments"]), (4 * 1880, 4 * 1880, 4))
+        self.assertEqual(d["bitrate_in"], 1880 * 8)
+        self.assertEqual(d["bitrate_out"], 1880 * 8)
+        # one sample per stat interval (2 s): at 0 s and 2 s, and now (4 s)
+        self.assertEqual([h[0] for h in d["history"]], [4.0, 2.0, 0.0])
+        self.assertEqual(d["history"][-1], [0.0, 1880 * 8, 1880 * 8, 6])
+        session.close("shutdown")
+
+    def test_described_with_the_ts_sessions_live_fields(self) -> None:
+        from acexy_tw.testing import InMemoryProxy
+
+        p = InMemoryProxy(stats_interval=5)
+        p.connect()
+        [ts_session] = list(p.registry)
+        clock = Clock()
+        session, _ = playing_session(clock)
+        missing = set(ts_session.describe()) - set(session.describe()) - {"client_list", "engine_paused", "waiting",
+                                                                         "waiting_reason", "failovers", "engine_sessions",
+                                                                         "failover_attempts_left"}
+        self.assertEqual(missing, set())
+        self.assertEqual(session.describe()["kind"], "hls")
+        session.close("shutdown")
+
+
+class HlsSessionsStopTests(SynchronousTestCase):
+    def _sessions(self) -> tuple[Clock, Any, FakeEngine, FakePlacement, list]:
+        from acexy_tw.streaming.hls import HlsSessions
+
+        clock = Clock()
+        engine = FakeEngine()
+        placement = FakePlacement(engine)
+        ended: list = []
+        hls = HlsSessions(placement, clock, linger=600, on_closed=lambda s, r: ended.append((str(s.key), r)), stats_interval=5)
+        return clock, hls, engine, placement, ended
+
+    def test_stop_ends_every_session_of_the_content_through_close(self) -> None:
+        from acexy_tw.content import ContentKey
+        from acexy_tw.testing import CID, CID2
+
+        clock, hls, engine, placement, ended = self._sessions()
+        plain, variant, other = ContentKey("content_id", CID), ContentKey("content_id", CID, (("transcode_audio", "1"),)), key(CID2)
+        sessions = [hls.for_key(k) for k in (plain, variant, other)]
+        polls = []
+        for s in sessions:
+            s.ready()
+            polls.append(s.playlist())  # a poller waiting for the engine playlist
+        self.assertEqual(hls.stop(CID.upper()), 2)
+        self.assertEqual([s.closed for s in sessions], [True, True, False])
+        self.assertEqual(sorted(r for _, r in ended), ["stopped", "stopped"])
+        self.assertEqual(engine.stops, 2)  # the engine got its stop commands
+        self.assertEqual(placement.released, [(plain, True), (variant, True)])  # reservations released
+        for d in polls[:2]:
+            self.failureResultOf(d, EngineError)
+        self.assertNoResult(polls[2])
+        self.assertEqual([s.key for s in hls], [other])
+        self.assertIsNone(hls.by_sid(sessions[0].sid))
+        self.assertEqual(hls.stop(CID), 0)
+        self.successResultOf(hls.shutdown())
+        self.failureResultOf(polls[2], EngineError)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_shutdown_waits_for_the_stop_of_a_session_closed_just_before(self) -> None:
+        clock, hls, engine, placement, ended = self._sessions()
+        engine.stop_result = Deferred()
+        session = hls.for_key(key())
+        session.ready()
+        hls.stop(session.key.value)
+        done = hls.shutdown()
+        self.assertNoResult(done)  # its stop command is still on its way
+        engine.stop_result.callback(None)
+        self.assertIsNone(self.successResultOf(done))
