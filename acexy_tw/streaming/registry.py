@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from acexy_tw.logs import get_logger
 
 from acexy_tw.content import ContentKey
-from acexy_tw.engine import NoEngine
+from acexy_tw.engine import EngineError, NoEngine
 from acexy_tw.streaming.limits import SessionLimit
 from acexy_tw.streaming.session import EngineSession, SessionSettings, ShuttingDown
 from acexy_tw.streaming.sink import ClientSink
@@ -104,6 +104,20 @@ class SessionRegistry:
         """Sessions whose content id / infohash is ``value`` (any extras)."""
         value = value.strip().lower()
         return [s for s in self._sessions.values() if s.key.value == value]
+
+    def stop(self, value: str) -> int:
+        """
+        End every session of content ``value`` (any extras; ``POST /ace/stop``)
+        through the one close path: its players get a clean end (one that got
+        nothing yet gets the error), the engine its stop command, the
+        reservation is released, and it counts as stopped for ``"stopped"``.
+        Returns how many were open.
+        """
+        sessions = self.find(value)
+        for session in sessions:
+            log.info("engine session for {key} stopped on request", key=str(session.key))
+            session.close("stopped", clean=True, error=EngineError("the stream was stopped on the proxy"))
+        return len(sessions)
 
     def join(self, key: ContentKey, sink: ClientSink) -> EngineSession:
         """Attach ``sink`` to the session for ``key``, starting one if needed.

@@ -3,7 +3,9 @@ The HTTP surface (Klein). Thin: parse, call the registry, map errors.
 
 Routes (acexy-compatible):
 - ``GET|HEAD /ace/getstream[/]?id=|content_id=|infohash=`` — MPEG-TS;
-- ``GET /ace/status[?id=]`` — JSON;
+- ``GET /ace/status[?id=]`` — JSON (TS sessions under ``sessions``, HLS ones
+  under ``hls``, each with its live stats, ``history`` and ``play`` path);
+- ``POST /ace/stop?id=`` — end every engine session (TS and HLS) of a content: 204;
 - ``GET /ace/playlist/<name>.m3u[8][?hls=1]`` — an ACEXY_PLAYLISTS source, rewritten;
 - ``GET /ace/playlists`` — their names (JSON).
 Werkzeug's routing answers other methods with 405 and other paths with 404.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Callable, Optional
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -72,6 +74,13 @@ def _json(request: Any, doc: Any, code: int = 200) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
     return json.dumps(doc, sort_keys=True).encode("utf-8")
+
+
+def _play_path(key: Any, hls: bool = False) -> str:
+    """The proxy path (relative, no token) a player opens for ``key``."""
+    selector = "id" if key.key_type == "content_id" else key.key_type
+    route = "ace/manifest.m3u8" if hls else "ace/getstream"
+    return f"{route}?{urlencode([(selector, key.value), *key.extras])}"
 
 
 def _refusal(request: Any, error: NoEngine) -> bytes:
@@ -236,20 +245,55 @@ class ProxyApp:
             if self._orchestrator_status is not None:
                 doc["orchestrator"] = self._orchestrator_status()
             doc["held"] = self.registry.waits.describe()
-            doc["sessions"] = [s.describe() for s in sessions]
+            doc["sessions"] = [self._ts_doc(s) for s in sessions]
             if self.hls is not None:
-                doc["hls"] = self.hls.describe()
+                doc["hls"] = [self._hls_doc(h) for h in self.hls]
             return _json(request, doc)
         wanted = ids[0].decode("utf-8", "replace")
         sessions = self.registry.find(strip_scheme(wanted))
         if not sessions:
-            return _text(request, 404, "Stream not found")
-        doc = sessions[0].describe()
+            hls = self.hls.find(strip_scheme(wanted)) if self.hls is not None else []
+            if not hls:
+                return _text(request, 404, "Stream not found")
+            doc = self._hls_doc(hls[0])
+            doc["stream_id"] = wanted
+            if len(hls) > 1:
+                doc["variants"] = [self._hls_doc(h) for h in hls]
+            return _json(request, doc)
+        doc = self._ts_doc(sessions[0])
         doc["stream_id"] = wanted
         doc["clients"] = sum(len(s.sinks) for s in sessions)
         if len(sessions) > 1:
-            doc["variants"] = [s.describe() for s in sessions]
+            doc["variants"] = [self._ts_doc(s) for s in sessions]
         return _json(request, doc)
+
+    @staticmethod
+    def _ts_doc(session: Any) -> dict[str, Any]:
+        return {**session.describe(), "kind": "ts", "play": _play_path(session.key)}
+
+    @staticmethod
+    def _hls_doc(session: Any) -> dict[str, Any]:
+        return {**session.describe(), "play": _play_path(session.key, hls=True)}
+
+    # -- POST /ace/stop ------------------------------------------------------------
+
+    @app.route("/ace/stop", methods=["POST"], endpoint="stop")
+    def stop(self, request: Any) -> bytes:
+        """End every engine session (TS and HLS) of one content, as a close
+        does: players get their clean end, the engine its stop command."""
+        try:
+            key = parse_query(request.args)
+        except BadRequest as e:
+            return _text(request, 400, e.message)
+        stopped = self.registry.stop(key.value)
+        if self.hls is not None:
+            stopped += self.hls.stop(key.value)
+        if not stopped:
+            return _text(request, 404, "Stream not found")
+        log.info("stopped {n} engine session(s) of {id} on request from {peer}", n=stopped, id=key.value, peer=_peer(request))
+        request.setResponseCode(204)
+        request.setHeader(b"cache-control", b"no-store")
+        return b""
 
     # -- playlists (ACEXY_PLAYLISTS) ---------------------------------------------------
 
