@@ -10,11 +10,11 @@ collaborators passed in — nothing is assigned after construction.
 
 The order is the dependency order (each line only uses what is above it):
 
-    HTTP pool ─> engine factory ─> fallback engine
+    HTTP pool ─> engine factory ─> EnginePool (ACEXY_ENGINES, or ACEXY_HOST:ACEXY_PORT)
     orchestrator client ─> HealthMonitor ─> EventReporter
-    Placement(fallback, engine factory, orchestrator, monitor)
+    Placement(engine pool, engine factory, orchestrator, monitor)
     SessionLimit(ACEXY_MAX_SESSIONS)          (engine sessions open at once, TS + HLS)
-    SessionRegistry(placement, settings, wait settings, monitor, events, limit)  (owns the WaitQueue)
+    SessionRegistry(placement, settings, wait settings, monitor + pool, events, limit)  (owns the WaitQueue)
     HlsSessions(placement, events, limit)
     Metrics(registry, placement, monitor)
     BacklogBudget(ACEXY_MAX_BACKLOG, clock)   (shared by every player's ClientSink)
@@ -43,6 +43,7 @@ from acexy_tw.orchestrator.events import EventReporter
 from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.placement import Placement
 from acexy_tw.playlists import Playlists
+from acexy_tw.pool import EnginePool
 from acexy_tw.retry import RetryPolicy
 from acexy_tw.streaming.budget import BacklogBudget
 from acexy_tw.streaming.hls import HlsSessions
@@ -67,8 +68,9 @@ STOP_BUDGET = 3.0
 #: and only holds more memory per read.
 ENGINE_READ_SIZE = 256 * 1024
 
-#: (host, port, container id or None) -> an engine client
-EngineFactory = Callable[[str, int, Optional[str]], Any]
+#: (host, port, container id or None[, scheme=]) -> an engine client; the
+#: scheme (keyword, "" or absent: ACEXY_SCHEME) is given for ACEXY_ENGINES entries
+EngineFactory = Callable[..., Any]
 
 
 def make_pool(reactor: Any) -> HTTPConnectionPool:
@@ -95,7 +97,8 @@ class Proxy:
     clock: IReactorTime
     #: the HTTP connection pool (None when every endpoint was given)
     pool: Optional[HTTPConnectionPool]
-    fallback: Any
+    #: the engine pool (without an orchestrator, and while it is unreachable)
+    engines: EnginePool
     orchestrator: Optional[Any]
     monitor: Optional[HealthMonitor]
     events: Optional[EventReporter]
@@ -132,7 +135,14 @@ def build(
     if make_engine is None:
         assert http is not None
         make_engine = _engine_factory(http, config, reactor)
-    fallback = make_engine(config.engine_host, config.engine_port, None)
+    engines = EnginePool(
+        _pool_clients(config, make_engine),
+        reactor,
+        interval=config.health_interval,
+        timeout=config.no_response_timeout,
+        # a pool of one (ACEXY_HOST) has no limit, as acexy
+        capacity=config.max_streams_per_engine if config.engines else None,
+    )
 
     if orchestrator is None and config.orch_url:
         assert http is not None
@@ -164,7 +174,7 @@ def build(
         )
 
     placement = Placement(
-        fallback=fallback,
+        engines=engines,
         make_engine=make_engine,
         clock=reactor,
         orchestrator=orchestrator,
@@ -193,6 +203,7 @@ def build(
             mode=config.wait_mode,
         ),
         health=monitor,
+        pool=engines,
         events=events,
         limit=limit,
     )
@@ -229,6 +240,7 @@ def build(
         m3u8=config.m3u8,
         budget=budget,
         playlists=playlists,
+        engines_status=placement.pool_status,
     )
     resource = web.resource()
     if config.token:
@@ -244,7 +256,7 @@ def build(
         config=config,
         clock=reactor,
         pool=pool,
-        fallback=fallback,
+        engines=engines,
         orchestrator=orchestrator,
         monitor=monitor,
         events=events,
@@ -257,11 +269,18 @@ def build(
     )
 
 
+def _pool_clients(config: Config, make_engine: EngineFactory) -> list[Any]:
+    """ACEXY_ENGINES' engines in order, or the one ACEXY_HOST:ACEXY_PORT names."""
+    if not config.engines:
+        return [make_engine(config.engine_host, config.engine_port, None)]
+    return [make_engine(host, port, None, scheme=scheme) for scheme, host, port in config.engines]
+
+
 def _engine_factory(http: HTTPClient, config: Config, reactor: Any) -> EngineFactory:
-    def make_engine(host: str, port: int, container_id: Optional[str]) -> EngineClient:
+    def make_engine(host: str, port: int, container_id: Optional[str], *, scheme: str = "") -> EngineClient:
         return EngineClient(
             http,
-            EngineAddress(config.engine_scheme, host, port),
+            EngineAddress(scheme or config.engine_scheme, host, port),
             reactor,
             timeout=config.no_response_timeout,
             stop_timeout=min(config.no_response_timeout, STOP_BUDGET),

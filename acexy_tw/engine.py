@@ -43,6 +43,9 @@ MAX_JSON_BODY = 256 * 1024
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 64 * 1024
 
+#: asks the engine to close the connection after its answer (probes)
+_CLOSE = {b"Connection": [b"close"]}
+
 #: Parameter names the proxy owns on a getstream: never taken from a key.
 _PROXY_PARAMS = frozenset({"format", "pid"})
 
@@ -56,6 +59,10 @@ class EngineError(Exception):
 class ContentError(EngineError):
     """The engine answered, and refused this content (its JSON ``error``):
     another engine would say the same, so placement does not try elsewhere."""
+
+
+class EngineUnreachable(EngineError):
+    """The request never got an HTTP answer: refused, reset, unreachable (502)."""
 
 
 class EngineTimeout(EngineError):
@@ -209,8 +216,8 @@ def deadline(
 def bounded(d: Deferred, seconds: float, clock: IReactorTime, what: str) -> Deferred:
     """
     ``d``, cancelled after ``seconds``. Failures come out typed: a timeout as
-    :class:`EngineTimeout`, anything else (refused, reset, garbage) as
-    :class:`EngineError`; a cancellation by the caller stays a cancellation.
+    :class:`EngineTimeout`, a request that got no HTTP answer (refused, reset,
+    garbage) as :class:`EngineUnreachable`; a cancellation by the caller stays a cancellation.
     """
 
     def settle(result: Any, timed_out: bool) -> Any:
@@ -222,7 +229,7 @@ def bounded(d: Deferred, seconds: float, clock: IReactorTime, what: str) -> Defe
             return result
         if was_cancelled(result):
             raise CancelledError()
-        raise EngineError(f"engine {what} failed: {describe(result)}")
+        raise EngineUnreachable(f"engine {what} failed: {describe(result)}")
 
     return deadline(d, seconds, clock, settle)
 
@@ -389,25 +396,28 @@ class EngineClient:
         )
 
     def version(self, timeout: Optional[float] = None) -> Deferred[dict]:
-        """Cheap liveness probe: ``/webui/api/service?method=get_version``."""
+        """Cheap liveness probe: ``/webui/api/service?method=get_version``, on
+        a connection of its own that closes after the answer (a probe every
+        interval never leaves an idle socket behind, nor hands a stale one to
+        the next getstream)."""
         return bounded(
             Deferred.fromCoroutine(
-                self._json(f"{self.address.url}/webui/api/service?method=get_version")
+                self._json(f"{self.address.url}/webui/api/service?method=get_version", close=True)
             ),
             timeout or self.timeout,
             self._clock,
             "get_version",
         )
 
-    async def _json(self, url: str) -> dict:
-        doc = await self._read_json(url, "engine")
+    async def _json(self, url: str, close: bool = False) -> dict:
+        doc = await self._read_json(url, "engine", close)
         if not isinstance(doc, dict):
             raise EngineError("engine answered unexpected JSON")
         return doc
 
-    async def _read_json(self, url: str, who: str) -> Any:
+    async def _read_json(self, url: str, who: str, close: bool = False) -> Any:
         """GET ``url``: its JSON body, or an EngineError for a non-200 or non-JSON answer."""
-        response = await self._get(url)
+        response = await self._get(url, close)
         body = await read_body(response)
         if response.code != 200:
             raise EngineError(f"{who} answered {response.code}: {_text(body)}")
@@ -418,8 +428,9 @@ class EngineClient:
 
     # -- plumbing --------------------------------------------------------------
 
-    def _get(self, url: str) -> Deferred[IResponse]:
+    def _get(self, url: str, close: bool = False) -> Deferred[IResponse]:
         # unbuffered: we read bodies ourselves (bounded, cancellable);
         # no redirects: an engine never redirects, and a redirect elsewhere
         # would leave the address we rewrite to.
-        return self._http.get(url, unbuffered=True, allow_redirects=False)
+        headers = _CLOSE if close else None
+        return self._http.get(url, headers=headers, unbuffered=True, allow_redirects=False)

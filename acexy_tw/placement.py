@@ -4,7 +4,10 @@ Placement: where a new engine session runs, and its start there.
 ``Placement`` is the callable an :class:`EngineSession` awaits; it returns
 ``(engine client, PlaybackInfo)`` — the engine has *accepted* the session.
 
-- No orchestrator: the configured engine.
+- No orchestrator: the engine pool (:mod:`acexy_tw.pool`): the healthy engine
+  with the fewest of our sessions and room for one more; one that refuses →
+  the next; a content error is final; every engine full → a ``max_capacity``
+  wait (players are held until a session ends or an engine comes back).
 - Orchestrator: ``GET /engines``, ranked by :func:`selection.rank` counting our
   own sessions the orchestrator does not list yet (reservations are made
   synchronously right after ranking, so concurrent placements never double-book
@@ -21,7 +24,7 @@ Placement: where a new engine session runs, and its start there.
   the retry policy, after looking in ``/engines`` for the engine we may have
   started. Then poll the new engine until it answers — no fixed sleep — and
   connect to the host/port ``/engines`` lists.
-- The orchestrator unreachable (refused, timeout, 5xx) → the configured engine,
+- The orchestrator unreachable (refused, timeout, 5xx) → the engine pool,
   logged once per outage.
 
 Refusals that reach the player are :class:`NoEngine` errors carrying the HTTP
@@ -53,6 +56,7 @@ from acexy_tw.orchestrator.client import (
 )
 from acexy_tw.orchestrator.health import HealthMonitor
 from acexy_tw.orchestrator.selection import rank
+from acexy_tw.pool import EnginePool
 from acexy_tw.retry import RetryPolicy
 from acexy_tw.streaming.waiting import WAIT_CODES
 
@@ -72,6 +76,7 @@ MESSAGES = {
 class Reservation:
     """One of our sessions (or placements in flight) on an orchestrated engine."""
 
+    #: the orchestrator's container id, or a pool engine's URL
     container_id: str
     stream_id: Optional[str] = None  # known once the engine accepted: "<key>|<playback_session_id>"
 
@@ -94,7 +99,7 @@ class Placement:
     def __init__(
         self,
         *,
-        fallback: EngineClient,
+        engines: EnginePool,
         make_engine: Callable[[str, int, Optional[str]], EngineClient],
         clock: IReactorTime,
         orchestrator: Optional[OrchestratorClient] = None,
@@ -107,7 +112,8 @@ class Placement:
         attempts: int = 3,
         retry: Optional[RetryPolicy] = None,
     ) -> None:
-        self.fallback = fallback
+        #: the engine pool: without an orchestrator, and while it is unreachable
+        self.engines = engines
         self._make_engine = make_engine
         self._clock = clock
         self.orchestrator = orchestrator
@@ -143,11 +149,11 @@ class Placement:
         (its own reservation).
         """
         if self.orchestrator is None:
-            return self.fallback, await _start(self.fallback, key, hls)
+            return await self._place_in_pool(key, avoid, hls)
         try:
             engines = await self.orchestrator.engines()
         except OrchestratorUnavailable as e:
-            return await self._fall_back(key, e, hls)
+            return await self._fall_back(key, e, avoid, hls)
         self._reachable()
         tried: set[str] = set()
         while True:
@@ -165,7 +171,7 @@ class Placement:
                 return started
         engine = await self._provision(key, engines)
         if engine is None:  # the orchestrator went away meanwhile
-            return await self._fall_back(key, OrchestratorUnavailable("no status"), hls)
+            return await self._fall_back(key, OrchestratorUnavailable("no status"), avoid, hls)
         started = await self._start_on(key, engine, last=True, hls=hls)
         assert started is not None
         return started
@@ -222,16 +228,61 @@ class Placement:
         reservation.stream_id = stream_id_for(key, info)
         return client, info
 
-    async def _fall_back(self, key: ContentKey, error: Exception, hls: bool = False) -> tuple[EngineClient, PlaybackInfo]:
+    async def _fall_back(
+        self, key: ContentKey, error: Exception, avoid: frozenset, hls: bool
+    ) -> tuple[EngineClient, PlaybackInfo]:
         if not self.in_outage:
             log.warn(
-                "orchestrator unreachable ({error}): using the configured engine {url} until it answers",
+                "orchestrator unreachable ({error}): using {url} until it answers",
                 error=str(error),
-                url=self.fallback.address.url,
+                url=", ".join(e.url for e in self.engines.engines),
             )
             self.in_outage = True
         self.fallbacks += 1
-        return self.fallback, await _start(self.fallback, key, hls)
+        return await self._place_in_pool(key, avoid, hls)
+
+    async def _place_in_pool(
+        self, key: ContentKey, avoid: frozenset, hls: bool
+    ) -> tuple[EngineClient, PlaybackInfo]:
+        """The pool's best engine that accepts ``key`` (see :meth:`EnginePool.ranked`)."""
+        tried: set[str] = set()
+        error: Optional[EngineError] = None
+        while True:
+            ranked = self.engines.ranked(self.load(), avoid=avoid, tried=frozenset(tried))
+            if not ranked:
+                break
+            engine = ranked[0]
+            tried.add(engine.url)
+            reservation = Reservation(engine.url)
+            self.reservations[_slot(key, hls)] = reservation  # before any await
+            try:
+                info = await _start(engine.client, key, hls)
+            except ContentError:
+                self.release(key, hls=hls)
+                raise
+            except EngineError as e:
+                self.release(key, hls=hls)
+                self.engines.failed(engine, e)
+                error = e
+                if len(self.engines) > 1:
+                    log.warn("engine {url} refused {key} ({error})", url=engine.url, key=str(key), error=str(e))
+                continue
+            except BaseException:
+                self.release(key, hls=hls)
+                raise
+            self.engines.answered(engine)
+            reservation.stream_id = stream_id_for(key, info)
+            return engine.client, info
+        if error is not None:  # every engine with room refused: the last answer stands
+            raise error
+        raise self.engines.full(self._retry_after())
+
+    def load(self) -> dict[str, int]:
+        """Our sessions (and placements in flight) per engine: container id or pool URL."""
+        load: dict[str, int] = {}
+        for r in self.reservations.values():
+            load[r.container_id] = load.get(r.container_id, 0) + 1
+        return load
 
     def _reachable(self) -> None:
         if self.in_outage:
@@ -376,9 +427,13 @@ class Placement:
 
     # -- status ----------------------------------------------------------------------
 
+    def pool_status(self) -> list[dict[str, Any]]:
+        """The pool's engines with their health and our sessions on each."""
+        return self.engines.describe(self.load())
+
     def describe(self) -> dict[str, Any]:
         return {
-            "fallback_engine": self.fallback.address.url,
+            "fallback_engine": self.engines.first.address.url,
             "in_outage": self.in_outage,
             "fallbacks": self.fallbacks,
             "provision_attempts": dict(self.provision_attempts),

@@ -5,6 +5,7 @@ The service tree: everything that starts here also stops here.
       ├─ [demo] SimEngineService      — the simulated engine (and orchestrator),
       │                                 already listening when the tree is built
       ├─ HealthMonitor                — when there is an orchestrator
+      ├─ EnginePool                   — probes the engines (ACEXY_ENGINES / ACEXY_HOST)
       └─ StreamServerEndpointService  — the web listener; it binds in
                                         ``privilegedStartService``, so
                                         ``twistd --uid`` can take port 80 as
@@ -117,6 +118,7 @@ class AcexyService(MultiService):
             sim.setServiceParent(self)
         if proxy.monitor is not None:
             proxy.monitor.setServiceParent(self)
+        proxy.engines.setServiceParent(self)
         try:
             endpoint = serverFromString(reactor, proxy.config.listen)
         except (ValueError, KeyError, TypeError) as e:
@@ -160,7 +162,8 @@ class AcexyService(MultiService):
 
     @property
     def engine(self) -> Any:
-        return self.proxy.fallback
+        """The pool's first engine (with ACEXY_HOST alone: the engine)."""
+        return self.proxy.engines.first
 
     def when_listening(self) -> Deferred:
         return self.endpoint.when_listening()
@@ -188,9 +191,9 @@ class AcexyService(MultiService):
         self._install_sighup()
         if self.proxy.orchestrator is not None:
             log.info(
-                "orchestrator {url}: placing new streams through it (fallback engine {engine})",
+                "orchestrator {url}: placing new streams through it (fallback {engine})",
                 url=self.proxy.orchestrator.base_url,
-                engine=self.proxy.fallback.address.url,
+                engine=self._engines(),
             )
         self.when_listening().addCallback(self._announce)
 
@@ -198,10 +201,10 @@ class AcexyService(MultiService):
         host = port.getHost()
         where = f"{getattr(host, 'host', host)}:{getattr(host, 'port', '')}"
         log.info(
-            "acexy-tw {version} serving on {where}, engine {engine}",
+            "acexy-tw {version} serving on {where}, {engine}",
             version=__version__.public(),
             where=where,
-            engine=self.proxy.fallback.address.url,
+            engine=self._engines(),
         )
         if self.sim is not None:
             shown = "127.0.0.1" if host.host in ("0.0.0.0", "::") else host.host
@@ -213,6 +216,10 @@ class AcexyService(MultiService):
                 p=host.port,
                 cid=DEMO_CONTENT_ID,
             )
+
+    def _engines(self) -> str:
+        urls = [e.url for e in self.proxy.engines.engines]
+        return f"engine {urls[0]}" if len(urls) == 1 else f"engine pool {', '.join(urls)}"
 
     def stopService(self) -> Deferred:
         Service.stopService(self)
@@ -273,6 +280,8 @@ class AcexyService(MultiService):
             await self._bounded(proxy.events.flush(), "orchestrator events", 2.0)
         if proxy.monitor is not None and proxy.monitor.running:
             proxy.monitor.stopService()
+        if proxy.engines.running:
+            proxy.engines.stopService()
         if proxy.pool is not None:
             await self._bounded(proxy.pool.closeCachedConnections(), "connection pool", 1.0)
         if self.sim is not None:

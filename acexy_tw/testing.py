@@ -406,11 +406,13 @@ class InMemoryProxy:
     clock whose status is ``snapshot`` (healthy by default; a test may pass
     its own ScriptedOrchestrator instead), as :attr:`orchestrator`.
 
-    - ``engine``: the configured (fallback) engine, :attr:`engine`.
-    - The engines the orchestrator lists are ScriptedEngines too, made on
-      first use, in :attr:`engines` by ``(host, port)`` (:meth:`engine_of`
-      gives the one behind a listed engine); ``engine_options`` are passed to
-      each (``{"ready": False}``: new engines do not answer get_version yet).
+    - ``engine``: the configured engine (``ACEXY_HOST``), :attr:`engine`.
+    - The engines ``pool="a:1,b:2"`` (ACEXY_ENGINES) names, and those the
+      orchestrator lists, are ScriptedEngines too, made on
+      first use, in :attr:`engines` by ``(host, port)``; :attr:`pool` is the
+      proxy's EnginePool (not started: a test probes with ``pool.probe()``).
+      :meth:`engine_of` gives the one behind a listed engine; ``engine_options`` are passed to
+      each orchestrated one (``{"ready": False}``: new engines do not answer get_version yet).
     - Settings are given as on the command line (``linger="5s"``) or as
       numbers of seconds/bytes. Unlike a user's defaults, failover is off
       (``failover_attempts=0``) and players' buffers are 64 KiB unless a test
@@ -429,6 +431,7 @@ class InMemoryProxy:
         snapshot: Any = _HEALTHY,
         engines: Optional[dict[tuple[str, int], ScriptedEngine]] = None,
         engine_options: Optional[dict[str, Any]] = None,
+        pool: Optional[str] = None,
         **settings: Any,
     ) -> None:
         self.clock = MemoryReactorClock()
@@ -455,6 +458,8 @@ class InMemoryProxy:
             options[name.replace("_", "-")] = str(value)
         if orchestrator is not None:
             options.setdefault("orch-url", orchestrator.base_url)
+        if pool is not None:  # ACEXY_ENGINES ("engines" names the scripted engines here)
+            options["engines"] = pool
         self.config = load_config({}, options)
         from acexy_tw import build  # looked up now: a test may wrap build.build
 
@@ -464,6 +469,7 @@ class InMemoryProxy:
         self.registry = self.proxy.registry
         self.placement = self.proxy.placement
         self.waits = self.proxy.registry.waits
+        self.pool = self.proxy.engines
         self.monitor = self.proxy.monitor
         self.events = self.proxy.events
         self.hls = self.proxy.hls
@@ -471,14 +477,15 @@ class InMemoryProxy:
         self.site = self.proxy.site
         self.web = self.proxy.web
 
-    def _engine_for(self, host: str, port: int, container_id: Optional[str]) -> ScriptedEngine:
-        """build's ``make_engine``: the fallback engine, or the one at (host, port)."""
-        if container_id is None:
-            return self.engine  # the configured (fallback) engine
+    def _engine_for(self, host: str, port: int, container_id: Optional[str], *, scheme: str = "") -> ScriptedEngine:
+        """build's ``make_engine``: the configured engine, or the one at (host, port)."""
+        if container_id is None and (host, port) == (self.config.engine_host, self.config.engine_port):
+            return self.engine  # the configured engine (ACEXY_HOST)
         engine = self.engines.get((host, port))
         if engine is None:
+            options = self._engine_options if container_id is not None else {}
             engine = self.engines[(host, port)] = ScriptedEngine(
-                host=host, port=port, container_id=container_id, **self._engine_options
+                host=host, port=port, container_id=container_id, **options
             )
         return engine
 

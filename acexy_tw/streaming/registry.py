@@ -64,6 +64,7 @@ class SessionRegistry:
         *,
         waits: WaitSettings,
         health: Optional[HealthLike] = None,
+        pool: Optional[HealthLike] = None,
         events: Optional[EventsLike] = None,
         limit: Optional[SessionLimit] = None,
     ) -> None:
@@ -74,8 +75,9 @@ class SessionRegistry:
         self._settings = settings
         self._events = events
         self.waits = WaitQueue(clock, waits, prewarm=self.prewarm)
-        if health is not None:
-            health.subscribe(self.waits.kick)  # capacity may be back
+        for view in (health, pool):  # the orchestrator's status changed, a pool engine is back
+            if view is not None:
+                view.subscribe(self.waits.kick)  # capacity may be back
         self._sessions: dict[ContentKey, EngineSession] = {}
         self._stops: set[Deferred] = set()
         self.sessions_started = 0

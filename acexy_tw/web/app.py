@@ -106,6 +106,7 @@ class ProxyApp:
         m3u8: bool = False,
         budget: Optional[BacklogBudget] = None,
         playlists: Optional[Playlists] = None,
+        engines_status: Optional[Callable[[], list]] = None,
     ) -> None:
         self.registry = registry
         self._clock = clock
@@ -122,6 +123,8 @@ class ProxyApp:
         self.budget = budget
         #: ACEXY_PLAYLISTS sources (None: none configured)
         self.playlists = playlists
+        #: the engine pool, each engine with its health and load (status page)
+        self._engines_status = engines_status
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -245,6 +248,8 @@ class ProxyApp:
             if self._orchestrator_status is not None:
                 doc["orchestrator"] = self._orchestrator_status()
             doc["held"] = self.registry.waits.describe()
+            if self._engines_status is not None:
+                doc["engines"] = self._engines_status()
             doc["sessions"] = [self._ts_doc(s) for s in sessions]
             if self.hls is not None:
                 doc["hls"] = [self._hls_doc(h) for h in self.hls]

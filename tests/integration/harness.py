@@ -85,6 +85,10 @@ async def start_proxy(test: Any, engine: SimEngine, **settings: str) -> RunningP
     service.startService()
     test.addCleanup(lambda: within(service.stopService()))
     port = await within(service.when_listening())
+    # ready as a user sees it: every engine probed once (its probe connection
+    # is then open, so the tests' socket counts start from a settled baseline)
+    await wait_until(lambda: all(e.state != "unknown" for e in service.proxy.engines.engines), "the first engine probes")
+    await within(engine.when(lambda e: e.connections == 0))  # the probe's connection closes after its answer
     return RunningProxy(service, port.getHost().port)
 
 

@@ -107,7 +107,7 @@ class SameBuilderTests(SynchronousTestCase):
         # only the engine and orchestrator endpoints (and the retry jitter) are swapped
         self.assertEqual(sorted(kwargs), ["jitter", "make_engine", "orchestrator"])
         self.assertIs(kwargs["orchestrator"], p.orchestrator)
-        self.assertIs(proxy.fallback, p.engine)
+        self.assertIs(proxy.engines.first, p.engine)
         for name in BUILT:
             self.assertIs(getattr(p, name), getattr(proxy, name), name)
         self.assertIs(p.waits, proxy.registry.waits)
@@ -128,7 +128,8 @@ class SameBuilderTests(SynchronousTestCase):
         self.assertIs(svc.web, proxy.web)
         self.assertIs(svc.listener.factory, proxy.site)
         self.assertIn(proxy.monitor, list(svc))
-        self.assertIsInstance(proxy.fallback, EngineClient)
+        self.assertIsInstance(proxy.engines.first, EngineClient)
+        self.assertIn(proxy.engines, list(svc))  # probed while the service runs
         self.assertIsInstance(proxy.orchestrator, OrchestratorClient)
 
     def test_the_tests_and_the_service_get_the_same_kinds_of_parts(self) -> None:
@@ -139,7 +140,7 @@ class SameBuilderTests(SynchronousTestCase):
         self.assertIs(type(tested.registry.waits), type(shipped.registry.waits))
         self.assertEqual(
             [f.name for f in dataclasses.fields(Proxy)],
-            ["config", "clock", "pool", "fallback", "orchestrator", *BUILT],
+            ["config", "clock", "pool", "engines", "orchestrator", *BUILT],
         )  # a new part of the proxy is one of build's: add it to BUILT
 
 
@@ -148,7 +149,8 @@ class CollaboratorTests(SynchronousTestCase):
 
     def test_placement_uses_the_engines_and_the_orchestrator_it_was_given(self) -> None:
         p = InMemoryProxy(orchestrator=True)
-        self.assertIs(p.placement.fallback, p.engine)
+        self.assertIs(p.placement.engines, p.pool)
+        self.assertEqual([e.client for e in p.pool.engines], [p.engine])
         self.assertIs(p.placement.orchestrator, p.orchestrator)
         self.assertIs(p.placement.monitor, p.monitor)
 

@@ -60,12 +60,12 @@ class ServiceTests(SynchronousTestCase):
         svc = makeService(parse("--listen", "tcp:0:interface=127.0.0.1"), reactor=MemoryReactorClock())
         self.assertIsInstance(svc, AcexyService)
         self.assertIsInstance(svc, MultiService)
-        self.assertEqual(list(svc), [svc.listener])
+        self.assertEqual(list(svc), [svc.proxy.engines, svc.listener])  # the pool is probed
         self.assertEqual(svc.engine.address.url, "http://localhost:6878")
 
     def test_demo_adds_the_simulated_engine(self) -> None:
         svc = makeService(parse("--demo", "--listen", "tcp:0"), reactor=MemoryReactorClock())
-        self.assertEqual(list(svc), [svc.sim, svc.monitor, svc.listener])  # demo: engine + orchestrator
+        self.assertEqual(list(svc), [svc.sim, svc.monitor, svc.proxy.engines, svc.listener])  # demo: engine + orchestrator
 
     def test_bad_strports_description_exits_naming_the_variable(self) -> None:
         e = self.assertRaises(ConfigExit, makeService, parse("--listen", "tcp:notaport"), MemoryReactorClock())
