@@ -2,8 +2,10 @@
 The deployment files in ``etc/`` stay true: the env example is what its
 generator prints from ``SETTINGS``, the systemd unit verifies and is hardened,
 the OpenWrt init script parses and reads the env file right, the Docker files
-have what they promise, and the HAProxy config is valid and hashes on the
-content id. (``tests/e2e/test_haproxy.py`` runs that config for real.)
+have what they promise (a pinned base, dependencies before the source, pinned
+compose images gated on health), and the HAProxy config is valid and hashes on
+the content id. (``tests/e2e/test_haproxy.py`` runs that config for real;
+``tests/e2e/test_packaging.py`` runs shellcheck, systemd-analyze and a wheel build.)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -136,18 +139,7 @@ def test_systemd_unit_is_hardened():
     assert {k: service.get(k) for k in expected} == expected
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
-def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
-    # verify checks that ExecStart's binary exists: point it at this venv's twistd.
-    text = (ETC / "systemd" / "acexy.service").read_text(encoding="utf-8")
-    twistd = str(Path(sys.executable).with_name("twistd"))
-    text = re.sub(r"^ExecStart=\S+", f"ExecStart={twistd}", text, flags=re.M)
-    unit = tmp_path / "acexy.service"
-    unit.write_text(text, encoding="utf-8")
-    out = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0 and "acexy.service" not in out.stderr, out.stderr
+# ``systemd-analyze verify`` runs in tests/e2e/test_packaging.py (with the other tools).
 
 
 # -- etc/openwrt/acexy.init ----------------------------------------------------------
@@ -258,8 +250,9 @@ def test_dockerfile_has_the_key_instructions():
     by_name: dict[str, list[str]] = {}
     for word, rest in instructions:
         by_name.setdefault(word, []).append(rest)
-    assert by_name["FROM"] == ["python:3.11-slim"]
-    assert any(r.startswith("pip install .") for r in by_name["RUN"])
+    [base] = by_name["FROM"]
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}", base), base
+    assert any(r.startswith("pip install --no-deps .") for r in by_name["RUN"])
     [user] = by_name["USER"]
     assert user.split(":")[0] not in ("root", "0")
     assert by_name["EXPOSE"] == ["8080"]
@@ -292,6 +285,142 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored():
             assert source.rstrip("/") in kept, f"{source} is excluded by Dockerfile.dockerignore"
 
 
+def test_dockerfile_base_image_python_is_one_the_package_declares():
+    [base] = [rest for word, rest in _dockerfile() if word == "FROM"]
+    major, minor = re.match(r"python:(\d+)\.(\d+)\.", base).groups()
+    setup_py = (ROOT / "setup.py").read_text(encoding="utf-8")
+    assert f'"Programming Language :: Python :: {major}.{minor}"' in setup_py
+
+
+SOURCE = ("acexy_tw", "twisted/plugins/acexy_plugin.py", "README.rst")
+
+
+def test_dockerfile_installs_dependencies_in_a_layer_before_the_source():
+    """Code changes must not reinstall every dependency: the only files copied
+    before the dependency install are the packaging ones, the source comes
+    after it, and the package itself is then installed without dependencies."""
+    instructions = _dockerfile()
+    [deps] = [i for i, (w, rest) in enumerate(instructions) if w == "RUN" and "pip install -r" in rest]
+    copies = [(i, rest.split()[:-1]) for i, (w, rest) in enumerate(instructions) if w == "COPY"]
+    before = [src for i, sources in copies if i < deps for src in sources]
+    after = [src for i, sources in copies if i > deps for src in sources]
+    assert before == ["setup.py"], before
+    assert set(SOURCE) <= set(after), after
+    [install] = [i for i, (w, rest) in enumerate(instructions) if w == "RUN" and "pip install --no-deps ." in rest]
+    assert install > max(i for i, sources in copies if set(sources) & set(SOURCE))
+
+
+def _setup_kwargs() -> dict:
+    """What setup.py passes to setup(), read with setuptools' setup stubbed."""
+    from unittest import mock
+
+    import setuptools
+
+    with mock.patch.object(setuptools, "setup") as setup:
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            runpy.run_path(str(ROOT / "setup.py"))
+        finally:
+            os.chdir(cwd)
+    [call] = setup.call_args_list
+    return call.kwargs
+
+
+def test_dockerfile_dependency_list_is_setup_py_install_requires(tmp_path):
+    """The Dockerfile's dependency step, run as it is (no setuptools, an empty
+    README.rst), prints exactly setup.py's install_requires."""
+    [deps] = [rest for word, rest in _dockerfile() if word == "RUN" and "pip install -r" in rest]
+    code = re.search(r'python -c "([^"]+)" > /tmp/requirements\.txt', deps).group(1)
+    shutil.copy(ROOT / "setup.py", tmp_path / "setup.py")
+    assert "touch README.rst" in deps
+    (tmp_path / "README.rst").touch()
+    # -S: no site-packages, as in the image where setuptools is not installed
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == _setup_kwargs()["install_requires"]
+
+
+def test_dockerignore_lets_the_license_in():
+    ignore = (ETC / "docker" / "Dockerfile.dockerignore").read_text(encoding="utf-8")
+    assert "!LICENSE" in ignore.splitlines()
+    assert any(word == "COPY" and "LICENSE" in rest.split() for word, rest in _dockerfile())
+
+
+COMPOSE = ETC / "docker" / "compose.yaml"
+
+
+def _compose_lines() -> list[str]:
+    return [line.split(" #")[0].rstrip() for line in COMPOSE.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _compose_services() -> dict[str, list[str]]:
+    """Each service's lines (text only), by name."""
+    services: dict[str, list[str]] = {}
+    current = None
+    for line in _compose_lines():
+        m = re.fullmatch(r"  ([a-z0-9_-]+):", line)
+        if m:
+            current = m.group(1)
+            services[current] = []
+        elif current and line.startswith("    "):
+            services[current].append(line)
+        elif not line.startswith(" "):
+            current = None
+    return services
+
+
+def test_compose_images_are_pinned_tags():
+    """Text only (no YAML library): every image names a tag, never latest; a
+    pulled one is a version, the one built here (build:) is local."""
+    services = _compose_services()
+    assert set(services) == {"acexy", "orchestrator", "gluetun"}
+    for name, lines in services.items():
+        [image] = [line.split("image:", 1)[1].strip() for line in lines if line.strip().startswith("image:")]
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag and "/" not in tag, f"{name}: {image} has no tag"
+        assert tag != "latest", f"{name}: {image}"
+        if any(line.strip() == "build:" for line in lines):
+            assert tag == "local", f"{name}: {image}"
+        else:
+            assert re.fullmatch(r"v?\d+(\.\d+)+", tag), f"{name}: {image} is not a release tag"
+
+
+def test_compose_depends_on_waits_for_health():
+    """Text only: every depends_on entry is a mapping with
+    condition: service_healthy (no bare list), and each dependency has a
+    health check (in the file, or Gluetun's image HEALTHCHECK)."""
+    services = _compose_services()
+    conditions: dict[str, str] = {}
+    for name, lines in services.items():
+        for i, line in enumerate(lines):
+            if line.strip() != "depends_on:":
+                continue
+            indent = len(line) - len(line.lstrip())
+            dependency = None
+            for entry in lines[i + 1 :]:
+                if len(entry) - len(entry.lstrip()) <= indent:
+                    break
+                assert not entry.strip().startswith("- "), f"{name}: depends_on as a bare list"
+                m = re.fullmatch(r"\s+([a-z0-9_-]+):", entry)
+                if m:
+                    dependency = m.group(1)
+                    continue
+                key, _, value = entry.strip().partition(":")
+                assert key == "condition" and dependency, entry
+                conditions[f"{name}->{dependency}"] = value.strip()
+    assert conditions == {
+        "acexy->orchestrator": "service_healthy",
+        "orchestrator->gluetun": "service_healthy",
+    }
+    assert any(line.strip() == "healthcheck:" for line in services["orchestrator"])
+    # Gluetun's image defines HEALTHCHECK itself; nothing here may turn it off.
+    assert not any("healthcheck" in line for line in services["gluetun"])
+
+
 def test_compose_file_parses_and_wires_the_three_services():
     yaml = pytest.importorskip("yaml")
     doc = yaml.safe_load((ETC / "docker" / "compose.yaml").read_text(encoding="utf-8"))
@@ -310,7 +439,12 @@ def test_compose_file_parses_and_wires_the_three_services():
     assert "8080:8080" in acexy["ports"]
 
     orchestrator = services["orchestrator"]
-    assert orchestrator["image"] == "ghcr.io/krinkuto11/acestream-orchestrator:latest"
+    assert orchestrator["image"].startswith("ghcr.io/krinkuto11/acestream-orchestrator:v")
+    assert acexy["depends_on"] == {"orchestrator": {"condition": "service_healthy"}}
+    assert orchestrator["depends_on"] == {"gluetun": {"condition": "service_healthy"}}
+    health = orchestrator["healthcheck"]["test"]
+    assert health[:3] == ["CMD", "python", "-c"] and "/orchestrator/status" in health[3]
+    compile(health[3], "<healthcheck>", "exec")
     assert any("docker.sock" in v for v in orchestrator["volumes"])
     assert orchestrator["environment"]["GLUETUN_CONTAINER_NAME"] == services["gluetun"]["container_name"]
 
