@@ -12,6 +12,12 @@ for the same content. Every other byte — ``#EXTM3U``/``#EXTINF`` attributes,
 the injected clock with an injected treq client: bounded in time and size,
 revalidated with ``ETag``/``Last-Modified`` after ``ACEXY_PLAYLIST_REFRESH``,
 served stale (a warning) when the source fails and a copy is held.
+
+A source that keeps failing is not asked on every request: after a failure it
+is left alone for 5 s, then 10 s, 20 s … (at most ``refresh``, at most 5 min,
+the one retry policy's backoff); meanwhile requests get the held copy, or the
+same 502 at once. The first request after the pause asks again; an answer
+ends the pause.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from acexy_tw.content import BadRequest, parse_query
 from acexy_tw.engine import EngineError, deadline, describe, discard_body, read_body
 from acexy_tw.logs import get_logger
+from acexy_tw.retry import RetryPolicy
 
 __all__ = ["MAX_PLAYLIST_BYTES", "NotM3U", "PlaylistError", "Playlists", "UnknownPlaylist", "is_m3u", "rewrite", "shown"]
 
@@ -135,6 +142,15 @@ class _Cached:
     last_modified: Optional[bytes] = None
 
 
+@dataclass
+class _Failing:
+    """A source's run of failures: its last error, and when it may be asked again."""
+
+    error: PlaylistError
+    failures: int
+    until: float
+
+
 class Playlists:
     """
     The configured sources: fetched on demand, cached for ``refresh`` seconds.
@@ -165,6 +181,9 @@ class Playlists:
         self.max_bytes = max_bytes
         self._cache: dict[str, _Cached] = {}
         self._inflight: dict[str, list[Deferred]] = {}
+        self._failing: dict[str, _Failing] = {}
+        #: the pause after each further failure of a source (attempts: unused, never spent)
+        self.backoff = RetryPolicy(1, initial=5.0, factor=2.0, cap=max(5.0, min(refresh, 300.0)), jitter=lambda: 0.0)
 
     def names(self) -> list[str]:
         return sorted(self._sources)
@@ -179,6 +198,10 @@ class Playlists:
             raise UnknownPlaylist(name)
         if self.fresh(name):
             return succeed(self._cache[name].body)
+        failing = self._failing.get(name)
+        if failing is not None and self._clock.seconds() < failing.until:  # paused after a failure
+            cached = self._cache.get(name)
+            return succeed(cached.body) if cached is not None else fail(failing.error)
         waiter: Deferred[bytes] = Deferred()
         waiters = self._inflight.get(name)
         if waiters is not None:
@@ -201,6 +224,7 @@ class Playlists:
         try:
             fresh = await self._load(source, cached)
         except PlaylistError as e:
+            self._failed(name, e)
             if cached is None:
                 raise
             log.warn(
@@ -210,12 +234,19 @@ class Playlists:
                 age=self._clock.seconds() - cached.fetched_at,
             )
             return cached.body
+        self._failing.pop(name, None)
         if fresh is None:  # 304: the copy is current
             assert cached is not None
             cached.fetched_at = self._clock.seconds()
             return cached.body
         self._cache[name] = fresh
         return fresh.body
+
+    def _failed(self, name: str, error: PlaylistError) -> None:
+        failures = self._failing[name].failures + 1 if name in self._failing else 1
+        pause = self.backoff.delay(failures)
+        self._failing[name] = _Failing(error, failures, self._clock.seconds() + pause)
+        log.info("playlist {name}: source not asked again for {pause:g}s", name=name, pause=pause)
 
     async def _load(self, source: str, cached: Optional[_Cached]) -> Optional[_Cached]:
         """The source's new content, or None when it says the copy is current."""

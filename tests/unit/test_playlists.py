@@ -311,8 +311,9 @@ def test_a_failing_source_serves_the_stale_copy(failure: Any) -> None:
     d = playlists.get("tv")
     clock.advance(10)
     assert result(d) == M3U
+    clock.advance(5)  # the pause after a failure (test_a_source_failing_forever_...)
     http.answers.append(FakeResponse(200, M3U + b"#x\n"))
-    assert result(playlists.get("tv")) == M3U + b"#x\n"  # retried on the next request
+    assert result(playlists.get("tv")) == M3U + b"#x\n"  # asked again after the pause
 
 
 @pytest.mark.parametrize(
@@ -335,6 +336,48 @@ def test_no_copy_and_a_failing_source_is_an_error_naming_it(failure: Any, error:
     with pytest.raises(error) as caught:
         result(d)
     assert text in str(caught.value) and "http://src/tv.m3u" in str(caught.value)
+
+
+def test_a_source_failing_forever_is_asked_less_and_less_often() -> None:
+    clock, http = Clock(), FakeHTTP()
+    playlists = make(http, clock, refresh=600.0)
+    asked_at: list[float] = []
+    for _ in range(2000):  # a player asking every 0.5 s for 1000 s
+        if len(http.answers) == 0:
+            http.answers.append(ConnectionRefusedError("refused"))
+        before = len(http.requests)
+        with pytest.raises(PlaylistError, match="http://src/tv.m3u failed"):
+            result(playlists.get("tv"))  # a 502 every time, at once
+        if len(http.requests) > before:
+            asked_at.append(clock.seconds())
+        clock.advance(0.5)
+    gaps = [b - a for a, b in zip(asked_at, asked_at[1:])]
+    assert gaps[:6] == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0]
+    assert all(g == 300.0 for g in gaps[7:])  # capped at 5 min
+    assert len(asked_at) <= 12  # not 2000
+    # an answer ends the pause at once
+    clock.advance(300)
+    http.answers[:] = [FakeResponse(200, M3U)]
+    assert result(playlists.get("tv")) == M3U
+    assert "tv" not in playlists._failing
+
+
+def test_the_held_copy_is_served_without_asking_while_the_source_is_paused() -> None:
+    clock, http = Clock(), FakeHTTP()
+    playlists = make(http, clock, refresh=60.0)
+    http.answers.append(FakeResponse(200, M3U))
+    result(playlists.get("tv"))
+    clock.advance(61)
+    http.answers.append(FakeResponse(503, b"busy"))
+    assert result(playlists.get("tv")) == M3U  # stale, with a warning
+    for _ in range(9):
+        clock.advance(0.5)
+        assert result(playlists.get("tv")) == M3U
+    assert len(http.requests) == 2  # paused for 5 s: not asked
+    clock.advance(0.5)
+    http.answers.append(FakeResponse(304))
+    assert result(playlists.get("tv")) == M3U
+    assert len(http.requests) == 3
 
 
 def test_concurrent_requests_share_one_fetch() -> None:
