@@ -62,7 +62,9 @@ def get_logger(namespace: str) -> Logger:
 
 def set_level(name: str) -> None:
     """Set the lowest level emitted by acexy_tw loggers (debug/info/warn/error)."""
-    _predicate.defaultLogLevel = LEVELS[name]
+    # the root namespace's level: what every namespace without its own uses
+    # (defaultLogLevel is only read when the predicate is made)
+    _predicate.setLogLevelForNamespace("", LEVELS[name])
 
 
 #: a query parameter: what precedes it, its name, its value

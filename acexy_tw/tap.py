@@ -29,6 +29,7 @@ from acexy_tw.config import (
     option_parameters,
     unknown_env_warnings,
 )
+from acexy_tw import logs
 from acexy_tw.logs import get_logger, set_level
 
 log = get_logger(__name__)
@@ -102,6 +103,9 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     # twistd starts its log observers after this returns; what is logged now is
     # kept and written then.
     set_level(config.log_level)
+    # the observer twistd builds next (--logger acexy_tw.logs.observer) writes
+    # this format, to twistd's --logfile when one is given
+    logs.configure(config.log_format, getattr(options, "parent", None))
     for warning in unknown_env_warnings(os.environ):
         log.warn("ignoring {warning}", warning=warning)
     try:

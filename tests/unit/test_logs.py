@@ -417,3 +417,35 @@ class ReadmeTests(SynchronousTestCase):
         event["log_time"] = 1796122954.9901  # 2026-12-01T11:02:34.990Z
         line = logs.format_json(event)
         self.assertEqual(line, shown + "\n")
+
+
+class LevelTests(SynchronousTestCase):
+    """ACEXY_LOG_LEVEL: what set_level lets through from acexy_tw's loggers."""
+
+    def _emitted(self, level: str) -> list[str]:
+        from twisted.logger import globalLogPublisher
+
+        from acexy_tw.logs import get_logger, set_level
+
+        seen: list[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "acexy_tw.test_level":
+                seen.append(event["log_level"].name)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.addCleanup(set_level, "info")
+        set_level(level)
+        log = get_logger("acexy_tw.test_level")
+        log.debug("d")
+        log.info("i")
+        log.warn("w")
+        log.error("e")
+        return seen
+
+    def test_each_level_lets_through_itself_and_above(self) -> None:
+        self.assertEqual(self._emitted("debug"), ["debug", "info", "warn", "error"])
+        self.assertEqual(self._emitted("info"), ["info", "warn", "error"])
+        self.assertEqual(self._emitted("warn"), ["warn", "error"])
+        self.assertEqual(self._emitted("error"), ["error"])
