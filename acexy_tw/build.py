@@ -16,7 +16,7 @@ The order is the dependency order (each line only uses what is above it):
     SessionLimit(ACEXY_MAX_SESSIONS)          (engine sessions open at once, TS + HLS)
     SessionRegistry(placement, settings, wait settings, monitor + pool, events, limit)  (owns the WaitQueue)
     HlsSessions(placement, events, limit)
-    Metrics(registry, placement, monitor)
+    Metrics(registry, placement, monitor, hls)   (told of each HTTP response by the Site)
     BacklogBudget(ACEXY_MAX_BACKLOG, clock)   (shared by every player's ClientSink)
     Playlists(ACEXY_PLAYLISTS, HTTP client, clock)
     ProxyApp(registry, metrics, hls, orchestrator status, budget, playlists) ─> TokenGuard ─> Site
@@ -216,7 +216,7 @@ def build(
         limit=limit,
         stats_interval=config.stats_interval,  # stat_url polled as for TS sessions
     )
-    metrics = Metrics(registry, placement, monitor)
+    metrics = Metrics(registry, placement, monitor, hls=hls)
     budget = BacklogBudget(config.max_backlog, clock=reactor)
     playlists: Optional[Playlists] = None
     if config.playlists:  # ACEXY_PLAYLISTS: sources fetched over the proxy's own pool
@@ -251,6 +251,7 @@ def build(
         access_log=config.access_log,
         header_timeout=config.header_timeout,
         max_connections=config.max_connections,
+        on_response=metrics.http_response,  # acexy_http_responses_total
     )
     return Proxy(
         config=config,

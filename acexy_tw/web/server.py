@@ -34,6 +34,16 @@ A connection cap (``ACEXY_MAX_CONNECTIONS``)
     in for ``/healthz`` alone (any other request on them: ``503``); past
     those a connection is answered ``503`` and closed at once, unread.
 
+Responses counted by route (``on_response``)
+    Every response is reported as it ends (finished, or cut when its
+    connection went away after it had begun) as ``(route, status code, body
+    bytes sent)``: the route is one of :data:`ROUTES`, from the path alone
+    (:func:`route_of`), never the path itself, so the metrics' label values
+    stay a small fixed set; any other path is :data:`OTHER_ROUTE`. The
+    ``413`` and ``503`` answered before routing are reported too (a
+    connection refused at the cap, unread, as :data:`OTHER_ROUTE`); a request
+    whose player left before any response began is not a response.
+
 Log lines carry no token
     The access log (``ACEXY_ACCESS_LOG``) and the request's ``repr`` (which
     Twisted puts into its own warnings) show URIs with ``token=`` values
@@ -44,7 +54,7 @@ Log lines carry no token
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.web.http import HTTPChannel, combinedLogFormatter
 from twisted.web.server import Request, Site
@@ -52,7 +62,16 @@ from twisted.web.server import Request, Site
 from acexy_tw.logs import get_logger, redact, redact_bytes
 from acexy_tw.web.guard import OPEN_PATHS
 
-__all__ = ["AcexyChannel", "AcexyRequest", "HEALTH_SLOTS", "LOGGED_URI_LIMIT", "QuietSite"]
+__all__ = [
+    "AcexyChannel",
+    "AcexyRequest",
+    "HEALTH_SLOTS",
+    "LOGGED_URI_LIMIT",
+    "OTHER_ROUTE",
+    "QuietSite",
+    "ROUTES",
+    "route_of",
+]
 
 log = get_logger(__name__)
 
@@ -61,6 +80,61 @@ HEALTH_SLOTS = 4
 
 #: the longest URI (and Referer, User-Agent) written to a log line
 LOGGED_URI_LIMIT = 512
+
+#: the routes responses are counted under (acexy_tw.web.app's), and the rest
+ROUTES = (
+    "getstream",
+    "manifest",
+    "segment",
+    "status",
+    "stop",
+    "playlist",
+    "playlists",
+    "dashboard",
+    "healthz",
+    "metrics",
+    "other",
+)
+OTHER_ROUTE = "other"
+
+_EXACT_ROUTES = {
+    b"/ace/getstream": "getstream",
+    b"/ace/getstream/": "getstream",
+    b"/ace/manifest.m3u8": "manifest",
+    b"/ace/status": "status",
+    b"/ace/status/": "status",
+    b"/ace/stop": "stop",
+    b"/ace/playlists": "playlists",
+    b"/": "dashboard",
+    b"/healthz": "healthz",
+    b"/metrics": "metrics",
+}
+_PREFIX_ROUTES = ((b"/ace/hls/", "segment"), (b"/ace/playlist/", "playlist"))
+
+
+def route_of(path: Optional[bytes]) -> str:
+    """The route ``path`` (no query) belongs to: one of :data:`ROUTES`."""
+    if not path:
+        return OTHER_ROUTE
+    route = _EXACT_ROUTES.get(path)
+    if route is not None:
+        return route
+    for prefix, route in _PREFIX_ROUTES:
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return route
+    return OTHER_ROUTE
+
+
+def _uri_path(uri: Optional[bytes]) -> bytes:
+    return (uri or b"").split(b"?", 1)[0]
+
+
+def _responded(channel: Any, route: str, code: int, body_bytes: int) -> None:
+    """Tell the channel's site (a QuietSite) that a response ended."""
+    site = getattr(channel, "site", None)
+    if site is not None and hasattr(site, "acexy_responded"):
+        site.acexy_responded(route, code, body_bytes)
+
 
 _413 = b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 _503 = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
@@ -88,11 +162,32 @@ class AcexyRequest(Request):
         # never let Twisted spool one to a temporary file all the same.
         self.content = BytesIO()
 
+    #: reported to the site (once) as it ended
+    _acexy_reported = False
+
     def process(self) -> None:
         if getattr(self.channel, "acexy_health_only", False) and self.path not in OPEN_PATHS:
+            self._acexy_reported = True  # answered raw, not through finish()
+            _responded(self.channel, route_of(self.path), 503, 0)
             self.channel.acexy_refuse(_503)
             return
         super().process()
+
+    def finish(self) -> None:
+        if not self._disconnected:
+            self._acexy_ended(self.code, self.sentLength)
+        super().finish()
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.finished and self.startedWriting:  # cut: what it sent counts
+            self._acexy_ended(self.code, self.sentLength)
+        super().connectionLost(reason)
+
+    def _acexy_ended(self, code: int, sent: int) -> None:
+        if self._acexy_reported:
+            return
+        self._acexy_reported = True
+        _responded(self.channel, route_of(getattr(self, "path", None)), code, sent)
 
     def __repr__(self) -> str:
         uri = (_shown(self.uri) or b"").decode("latin-1")
@@ -129,6 +224,7 @@ class AcexyChannel(HTTPChannel):
         super().connectionMade()  # starts the header deadline (the site's timeOut)
         admitted = self.site.acexy_admit(self)
         if not admitted:
+            _responded(self, OTHER_ROUTE, 503, 0)  # unread: no route known
             self.acexy_refuse(_503)
 
     def resetTimeout(self) -> None:
@@ -168,6 +264,7 @@ class AcexyChannel(HTTPChannel):
             # goes on in raw mode (length None), where rawDataReceived drops it.
             self.requests.remove(request)
             self.length = None
+            _responded(self, route_of(_uri_path(getattr(self, "_path", None))), 413, 0)
             self.acexy_refuse(_413)
             return
         headers.removeHeader(b"expect")  # no body: nothing to continue with
@@ -189,8 +286,10 @@ class QuietSite(Site):
     """
     The proxy's Site: the channel and request above, the header deadline
     (``header_timeout``, on ``reactor``), the connection cap
-    (``max_connections``), and a per-request access log that is off unless
-    asked for (flash wear on routers) and shows no token.
+    (``max_connections``), a per-request access log that is off unless
+    asked for (flash wear on routers) and shows no token, and
+    ``on_response(route, code, body_bytes)`` told of every response as it
+    ends (the metrics).
     """
 
     noisy = False
@@ -205,8 +304,10 @@ class QuietSite(Site):
         access_log: bool = False,
         header_timeout: float = 10.0,
         max_connections: int = 1024,
+        on_response: Optional[Callable[[str, int, int], None]] = None,
     ) -> None:
         super().__init__(resource, reactor=reactor, timeout=header_timeout, logFormatter=access_log_formatter)
+        self._on_response = on_response
         self.access_log = access_log
         self.max_connections = max_connections
         #: every connection counted against the cap, oldest first -> waiting for its request headers?
@@ -224,6 +325,11 @@ class QuietSite(Site):
     def log(self, request: Any) -> None:
         if self.access_log:
             super().log(request)
+
+    def acexy_responded(self, route: str, code: int, body_bytes: int) -> None:
+        """A response ended: ``route`` (one of ROUTES), its status, the body bytes sent."""
+        if self._on_response is not None:
+            self._on_response(route, code, body_bytes)
 
     # -- the cap, as AcexyChannel reports its connection's life --------------
 
