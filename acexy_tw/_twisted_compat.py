@@ -183,6 +183,44 @@ class _StandInSocket:
         return b"x"
 
 
+class _StandInTransport:
+    """Just enough of ITransport for a client protocol a feature test drives
+    (``twisted.internet.testing`` would load trial, unittest and doctest into
+    the running proxy: 3 MiB)."""
+
+    disconnecting = False
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self.written.extend(data)
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+
+    abortConnection = loseConnection
+
+    def getPeer(self) -> Any:
+        return None
+
+    getHost = getPeer
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def pauseProducing(self) -> None:
+        pass
+
+    resumeProducing = stopProducing = pauseProducing
+
+
 def _unsent(transport: Any) -> int:
     buffered = getattr(transport, "dataBuffer", b"")
     return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
@@ -472,15 +510,14 @@ def _probe_header_limit() -> bool:
     """Whether the pool's protocol refuses a response of too many headers,
     and still takes a normal one."""
     try:
-        from twisted.internet.testing import StringTransport
         from twisted.web.client import ResponseFailed
         from twisted.web._newclient import Request
         from twisted.web.http_headers import Headers
 
         protocol_type = _quiet_factory_type().protocol_type
 
-        def respond(head: bytes) -> tuple[list[Any], StringTransport]:
-            transport = StringTransport()
+        def respond(head: bytes) -> tuple[list[Any], _StandInTransport]:
+            transport = _StandInTransport()
             protocol = protocol_type(lambda p: None, None, (4, 1024))
             protocol.makeConnection(transport)
             outcome: list[Any] = []
