@@ -2,7 +2,10 @@
 The dashboard: one self-contained HTML page (inline CSS and script, no
 external assets) served at ``GET /``. It polls ``/ace/status`` (same origin,
 relative URL, passing on a ``?token=`` the page was opened with) every 2 s
-and renders it with text nodes only.
+and renders it with text nodes only (the history graphs as inline SVG built
+with DOM calls). Its stop buttons ``POST /ace/stop`` (same origin, token
+passed on); its links and copied URLs are the proxy's own stream URLs. No
+inline event handlers: the policy below allows only the page's own script.
 
 The page ships as package data (``acexy_tw/web/dashboard.html``) and is read
 once, on first use.
