@@ -54,21 +54,28 @@ class EngineError(Exception):
     """The engine refused, failed or sent something that is not video (502)."""
 
     http_status = 502
+    #: the metrics label (acexy_engine_errors_total{kind})
+    kind = "refused"
 
 
 class ContentError(EngineError):
     """The engine answered, and refused this content (its JSON ``error``):
     another engine would say the same, so placement does not try elsewhere."""
 
+    kind = "content"
+
 
 class EngineUnreachable(EngineError):
     """The request never got an HTTP answer: refused, reset, unreachable (502)."""
+
+    kind = "unreachable"
 
 
 class EngineTimeout(EngineError):
     """The engine did not answer in time (504)."""
 
     http_status = 504
+    kind = "timeout"
 
 
 class NoEngine(EngineError):

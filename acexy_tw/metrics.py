@@ -195,16 +195,14 @@ class _ProxyCollector(Collector):
             PROVISION_RESULTS,
             placement["provision_attempts"],
         )
-        errors = placement.get("engine_errors")
-        if errors is not None:  # counted by placement, where engine starts fail
-            yield _labelled(
-                CounterMetricFamily,
-                "acexy_engine_errors",
-                "Engine requests that failed, by kind",
-                "kind",
-                ENGINE_ERROR_KINDS,
-                errors,
-            )
+        yield _labelled(  # counted by placement, where engine session starts fail
+            CounterMetricFamily,
+            "acexy_engine_errors",
+            "Engine session starts that failed, by kind",
+            "kind",
+            ENGINE_ERROR_KINDS,
+            placement["engine_errors"],
+        )
 
     def _pool(self) -> Iterator[Any]:
         up = GaugeMetricFamily("acexy_engine_up", "A pool engine answers (1) or not, or not yet (0)", labels=["engine"])

@@ -132,6 +132,8 @@ class Placement:
         #: provisions posted and not yet answered (they count toward max_replicas)
         self.provisioning = 0
         self._engines: dict[tuple[str, int], EngineClient] = {}
+        #: failed session starts on an engine, by EngineError.kind (refusals, NoEngine, not counted)
+        self.engine_errors: dict[str, int] = {}
 
     # -- placing -----------------------------------------------------------------
 
@@ -208,11 +210,13 @@ class Placement:
         client = self.engine_for(engine)
         try:
             info = await _start(client, key, hls)
-        except ContentError:
+        except ContentError as e:
             self.release(key, hls=hls)
+            self._engine_error(e)
             raise
         except EngineError as e:
             self.release(key, hls=hls)
+            self._engine_error(e)
             if last:
                 raise
             log.warn(
@@ -257,11 +261,13 @@ class Placement:
             self.reservations[_slot(key, hls)] = reservation  # before any await
             try:
                 info = await _start(engine.client, key, hls)
-            except ContentError:
+            except ContentError as e:
                 self.release(key, hls=hls)
+                self._engine_error(e)
                 raise
             except EngineError as e:
                 self.release(key, hls=hls)
+                self._engine_error(e)
                 self.engines.failed(engine, e)
                 error = e
                 if len(self.engines) > 1:
@@ -276,6 +282,10 @@ class Placement:
         if error is not None:  # every engine with room refused: the last answer stands
             raise error
         raise self.engines.full(self._retry_after())
+
+    def _engine_error(self, error: EngineError) -> None:
+        if not isinstance(error, NoEngine):
+            self.engine_errors[error.kind] = self.engine_errors.get(error.kind, 0) + 1
 
     def load(self) -> dict[str, int]:
         """Our sessions (and placements in flight) per engine: container id or pool URL."""
@@ -439,4 +449,5 @@ class Placement:
             "provision_attempts": dict(self.provision_attempts),
             "reservations": len(self.reservations),
             "provisioning": self.provisioning,
+            "engine_errors": dict(self.engine_errors),
         }

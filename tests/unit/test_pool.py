@@ -263,3 +263,32 @@ class StatusTests(SynchronousTestCase):
         self.assertEqual(doc["engines"][1]["failures"], 1)
         self.assertIn("refused", doc["engines"][1]["last_error"])
         p.pool.stopService()
+
+
+class EngineErrorCountTests(SynchronousTestCase):
+    def test_failed_starts_are_counted_by_kind_and_exported(self) -> None:
+        p = pool_proxy()
+        a, b = p.pool.engines[0].client, p.pool.engines[1].client
+        a.script.append(EngineUnreachable("refused"))
+        self.successResultOf(place(p, key(1)))  # a: unreachable (down), then b
+        b.script.append(EngineTimeout("no answer"))
+        a.script.append(EngineError("engine answered 500"))
+        self.failureResultOf(place(p, key(2)), EngineError)  # b: timeout (down); every engine down: a: 500
+        b.script.append(ContentError("engine error: no such content"))
+        a.script.append(ContentError("engine error: no such content"))
+        self.failureResultOf(place(p, key(3)), ContentError)  # final on the first engine tried
+        self.assertEqual(
+            p.placement.describe()["engine_errors"], {"unreachable": 1, "timeout": 1, "refused": 1, "content": 1}
+        )
+        body, _ = p.metrics.render()
+        for kind in ("unreachable", "timeout", "refused", "content"):
+            self.assertIn(f'acexy_engine_errors_total{{kind="{kind}"}} 1.0'.encode(), body)
+
+    def test_a_full_pool_is_not_an_engine_error(self) -> None:
+        p = pool_proxy(max_streams_per_engine=1)
+        self.successResultOf(place(p, key(1)))
+        self.successResultOf(place(p, key(2)))
+        self.failureResultOf(place(p, key(3)), NoEngine)
+        self.assertEqual(p.placement.describe()["engine_errors"], {})
+        body, _ = p.metrics.render()
+        self.assertIn(b'acexy_engine_errors_total{kind="refused"} 0.0', body)
