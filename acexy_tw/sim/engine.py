@@ -76,7 +76,7 @@ from acexy_tw.sim.conditions import Conditions
 from acexy_tw.sim.hls import HlsStream, check_timing
 from acexy_tw.sim.model import Behaviour, SimSession
 from acexy_tw.sim.playback import PlaybackStream
-from acexy_tw.sim.tsgen import FLAT_OUT_NOMINAL_BITRATE
+from acexy_tw.sim.tsgen import CODECS, DEFAULT_GOP, FLAT_OUT_NOMINAL_BITRATE, TSGenerator
 
 __all__ = ["SimEngine", "Behaviour", "SimSession", "PlaybackStream", "HlsStream", "parse_bitrate", "main"]
 
@@ -433,6 +433,7 @@ class _EngineResource(Resource):
             bitrate=engine.bitrate,
             tick=engine.tick,
             chunk=engine.chunk,
+            generator=engine.generator(),
             on_change=engine._changed,
         )
         session.playbacks.append(stream)
@@ -521,6 +522,11 @@ class SimEngine:
     :param hls_direct: serve ``/ace/manifest.m3u8`` without ``format=json``
         as a playlist (reusing the session of the same infohash and pid)
         instead of answering 404.
+    :param gop: seconds from one keyframe to the next in a playback
+        (``None``: every frame is one); HLS segments keep their own stream.
+    :param codec: the playbacks' video, ``"mpeg2"`` or ``"h264"``.
+    :param random_access_indicator: flag keyframes in the adaptation field
+        (False: a muxer that does not, so a reader must find them in the video).
     """
 
     def __init__(
@@ -536,6 +542,9 @@ class SimEngine:
         hls_segment_duration: float = 2.0,
         hls_window: int = 4,
         hls_direct: bool = False,
+        gop: Optional[float] = DEFAULT_GOP,
+        codec: str = "mpeg2",
+        random_access_indicator: bool = True,
     ) -> None:
         check_timing(hls_segment_duration, hls_window, prefix="hls_")  # now, not at the first manifest
         self.reactor = reactor
@@ -548,6 +557,11 @@ class SimEngine:
         self.hls_segment_duration = hls_segment_duration
         self.hls_window = hls_window
         self.hls_direct = hls_direct
+        if codec not in CODECS:
+            raise ValueError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
+        self.gop = gop
+        self.codec = codec
+        self.random_access_indicator = random_access_indicator
         #: the query parameters of every getstream, in arrival order
         self.getstream_calls: List[Dict[str, str]] = []
         #: the query parameters of every ``/ace/manifest.m3u8`` that was not
@@ -718,6 +732,12 @@ class SimEngine:
         """``http://<advertise_host>:<advertise_port>``."""
         return f"http://{self.advertise_host}:{self.advertise_port}"
 
+    def generator(self) -> TSGenerator:
+        """A new playback's stream: :attr:`bitrate`, :attr:`gop`, :attr:`codec`."""
+        return TSGenerator(
+            self.bitrate, codec=self.codec, gop=self.gop, random_access_indicator=self.random_access_indicator
+        )
+
     @property
     def hls_bitrate(self) -> int:
         """bit/s of HLS segments: :attr:`bitrate`, or 4 Mbit/s when flat out."""
@@ -855,6 +875,16 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--prebuffer", type=float, default=0.0, help="seconds before playback headers")
     parser.add_argument("--hls-segment", type=float, default=2.0, help="seconds per HLS segment")
     parser.add_argument(
+        "--gop", type=float, default=DEFAULT_GOP, help="seconds from one keyframe to the next (0: every frame)"
+    )
+    parser.add_argument("--codec", choices=CODECS, default="mpeg2", help="the video codec of playbacks")
+    parser.add_argument(
+        "--no-random-access-indicator",
+        dest="random_access_indicator",
+        action="store_false",
+        help="do not flag keyframes in the TS adaptation field (as some muxers do not)",
+    )
+    parser.add_argument(
         "--hls-direct", action="store_true", help="serve /ace/manifest.m3u8 without format=json as a playlist"
     )
     return parser.parse_args(argv)
@@ -873,6 +903,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             behaviour=Behaviour(playback_delay=args.prebuffer),
             hls_segment_duration=args.hls_segment,
             hls_direct=args.hls_direct,
+            gop=args.gop or None,
+            codec=args.codec,
+            random_access_indicator=args.random_access_indicator,
         )
         engine.listen(args.port, args.interface)
         rate = "flat out" if args.flat_out else f"{args.bitrate} bit/s"

@@ -86,6 +86,7 @@ class PlaybackStream:
         tick: float,
         chunk: int,
         on_change: Callable[[], None],
+        generator: Optional[TSGenerator] = None,
     ) -> None:
         self.request = request
         self.session = session
@@ -100,7 +101,7 @@ class PlaybackStream:
         #: why it ended: disconnected, eof, reset, stopped, error page, engine closed
         self.end_reason: Optional[str] = None
         self._reactor = reactor
-        self._generator = TSGenerator(bitrate)
+        self._generator = generator if generator is not None else TSGenerator(bitrate)
         self._tick = tick
         self._packets_per_write = max(1, chunk // PACKET_SIZE)
         self._on_change = on_change

@@ -9,6 +9,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 
 from acexy_tw.sim.engine import SimEngine
+from acexy_tw.sim.tsgen import DEFAULT_GOP
 
 #: what the demo engines stream: a small picture and silent audio at a TV-ish rate
 DEMO_BITRATE = 4_000_000
@@ -24,8 +25,17 @@ class SimEngineService(Service):
       (after a short, realistic start-up) — so the demo shows the whole system.
     """
 
-    def __init__(self, reactor: Any, *, bitrate: Optional[int] = DEMO_BITRATE, orchestrator: bool = False) -> None:
-        self.engine = SimEngine(reactor, bitrate=bitrate)
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        bitrate: Optional[int] = DEMO_BITRATE,
+        orchestrator: bool = False,
+        gop: Optional[float] = DEFAULT_GOP,
+    ) -> None:
+        # keyframes every ``gop`` seconds: a player joining a running stream
+        # shows what fast start saves it
+        self.engine = SimEngine(reactor, bitrate=bitrate, gop=gop)
         self.orchestrator: Any = None
         #: a fresh key per run, so the demo exercises the authenticated calls
         self.api_key = secrets.token_hex(16)

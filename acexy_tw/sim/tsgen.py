@@ -6,9 +6,19 @@ The simulated engine needs bytes that a proxy can relay and that a player
 bars and hears silence instead of a decoder error.  Nothing here encodes
 anything at run time:
 
-- video is one MPEG-2 intra frame (160x90 colour bars, 1.3 KB) encoded once
-  with ffmpeg and embedded below; it is repeated at 25 fps, each copy in its
-  own PES packet with a fresh PTS, so the stream is an all-intra 25 fps video;
+- video is 160x90 colour bars at 25 fps in GOPs of ``gop`` seconds (default
+  2 s): a keyframe starts each GOP and the other frames are predicted frames
+  that repeat the picture. ``codec="mpeg2"`` (the default): the keyframe is one
+  MPEG-2 intra frame (1.3 KB, with sequence and GOP headers), the others a
+  63-byte P picture, both encoded once with ffmpeg and embedded below;
+  ``codec="h264"``: the keyframe is an access unit delimiter, SPS, PPS and an
+  IDR slice (NAL types 9, 7, 8, 5; libx264 baseline, embedded), the others an
+  access unit delimiter and an all-skip P slice (NAL type 1) written here with
+  the right ``frame_num``. Each frame is its own PES packet with a fresh PTS;
+  the PES start of a keyframe carries the adaptation field's
+  ``random_access_indicator`` unless ``random_access_indicator=False`` (a
+  muxer that sets none: a reader must look at the NAL units or the picture
+  header). ``gop=None`` makes every frame a keyframe (an all-intra stream);
 - audio is MPEG-1 Layer II, 48 kHz mono 64 kbit/s, silent: a frame header and
   an all-zero body (every bit allocation zero = no samples = silence), four
   frames per PES packet;
@@ -48,6 +58,8 @@ from acexy_tw.streaming.mpegts import NULL_PACKET, PACKET_SIZE, SYNC_BYTE
 
 __all__ = [
     "TSGenerator",
+    "CODECS",
+    "DEFAULT_GOP",
     "crc32_mpeg2",
     "MIN_BITRATE",
     "VIDEO_MIN_BITRATE",
@@ -67,6 +79,7 @@ AUDIO_PID = 0x0101
 PROGRAM_NUMBER = 1
 TRANSPORT_STREAM_ID = 1
 STREAM_TYPE_MPEG2_VIDEO = 0x02
+STREAM_TYPE_H264 = 0x1B
 STREAM_TYPE_MPEG1_AUDIO = 0x03
 
 #: Lowest bitrate that carries PSI, PCR and audio with headroom.
@@ -138,6 +151,99 @@ _VIDEO_FRAME = base64.b64decode(
     "89KUiIA="
 )
 
+#: An MPEG-2 P picture of the same sequence (picture header, coding extension
+#: and six slices, nearly every macroblock skipped), from the same encoder run
+#: with ``-g 1000 -bf 0``; :func:`_mpeg2_p_frame` sets its temporal_reference.
+_MPEG2_P_FRAME = base64.b64decode(
+    "AAABAACX//uAAAABtYEf80GAAAABAUJwxwAAAQJCcMcAAAEDQnDHAAABBEJwxwAAAQVCdNgG8M4AAAEGQnDH"
+)
+
+#: One H.264 keyframe access unit (SPS, PPS, IDR slice; baseline, CAVLC, 10x6
+#: macroblocks, log2_max_frame_num 4, pic_order_cnt_type 2, one reference
+#: frame): ``ffmpeg -f lavfi -i smptebars=size=160x90:rate=25 -frames:v 1 -c:v
+#: libx264 -profile:v baseline -bf 0 -refs 1 -f h264``, x264's SEI left out.
+_H264_KEY = base64.b64decode(
+    "AAAAAWdCwAvaCjfkwEQAAAMABAAAAwDIPFCqgAAAAAFozg8sgAAAAWWIhAvyYoAAk8REEQOABH4gAAgHAA8QFpII4jFAAEWuOAAJrUcAAS7Y"
+    "iCIHAAj8QAAQDgAeIC0kEYoAxGKAAIoscAATWo4AAodREEQOABH4gAAgHAA8QFpIIxQBiMUAARX44AAmtRwABLtrp66enrp6eunrp66enrp6e"
+    "un//j8FoKsUAAQCcQABGRVg5AZkHIDM6aYuUHAJ+EpNwcgGZByAZnTTa4f8QwBgt4vEEkIAAIAIBFiBMiBM4OBAcyDgQHM//AMAgu4oABfCU"
+    "m4gTIPBmcHAgOZB4GZOsqMhTgOAAhCSJYQmhAABAAAKsSTIkmcHAQGMg4CAxkVgOAAjPIPNCUm4kmRAmcHAQGMg4gEZOsqMof+GAMFvFAAEB"
+    "LEAAIBUZYOIBGQcQCM7bf//4Kz4oBxAAIAFQhAGhxARkcQEZ4mZPmf8IB8OCw3A4EBRyANzYKGOgjJBXaaS7hdgmr00rdw8i9hAMP/BZ4oAw"
+    "JmIATwdCMhaTypwLAOgjIOwK0pb4BgH/BULEAEkIWDx9jwZnjoCMnCZ/AMf/BZxJUuBw6Cxg8GZAS02uekSFcECZDf0k3OAYB/wVEEI4gABM"
+    "EvkyeTPHIAzI5AGZ/AMA/4LO8FqCkiPJnxyAMz5mEQD0gfgRfwDAA/oPBLeaCej5mCiyZgpjGNZmCqmmYKxQDHxxU8zigGOU1IMA5fXUMigA"
+    "CALgA=="
+)
+#: access unit delimiter (primary_pic_type 7: any slice type)
+_H264_AUD = b"\x00\x00\x00\x01\x09\xf0"
+_H264_MBS = 10 * 6
+_H264_MAX_FRAME_NUM = 16
+
+#: the video codecs the generator can send
+CODECS = ("mpeg2", "h264")
+#: seconds between keyframes unless told otherwise
+DEFAULT_GOP = 2.0
+
+
+def _mpeg2_p_frame(temporal_reference: int) -> bytes:
+    tr = temporal_reference & 0x3FF
+    frame = bytearray(_MPEG2_P_FRAME)
+    frame[4] = tr >> 2
+    frame[5] = (tr & 0x03) << 6 | (frame[5] & 0x3F)
+    return bytes(frame)
+
+
+def _ue(value: int) -> str:
+    """Exp-Golomb ue(v) as a bit string."""
+    code = bin(value + 1)[2:]
+    return "0" * (len(code) - 1) + code
+
+
+def _emulation_prevented(rbsp: bytes) -> bytes:
+    out = bytearray()
+    zeros = 0
+    for byte in rbsp:
+        if zeros >= 2 and byte <= 3:
+            out.append(3)
+            zeros = 0
+        out.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return bytes(out)
+
+
+@functools.lru_cache(maxsize=_H264_MAX_FRAME_NUM)
+def _h264_p_frame(frame_num: int) -> bytes:
+    """An access unit of one P slice (NAL type 1, a reference picture) in which
+    every macroblock is skipped: the previous picture again."""
+    bits = (
+        _ue(0)  # first_mb_in_slice
+        + _ue(5)  # slice_type: P (every slice of the picture)
+        + _ue(0)  # pic_parameter_set_id
+        + format(frame_num % _H264_MAX_FRAME_NUM, "04b")  # frame_num, u(4)
+        + "0"  # num_ref_idx_active_override_flag
+        + "0"  # ref_pic_list_modification_flag_l0
+        + "0"  # adaptive_ref_pic_marking_mode_flag (sliding window)
+        + _ue(0)  # slice_qp_delta se(0)
+        + _ue(1)  # disable_deblocking_filter_idc: off
+        + _ue(_H264_MBS)  # mb_skip_run: the whole picture
+        + "1"  # rbsp_stop_one_bit
+    )
+    bits += "0" * (-len(bits) % 8)
+    rbsp = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    return _H264_AUD + b"\x00\x00\x00\x01\x41" + _emulation_prevented(rbsp)  # nal_ref_idc 2, type 1
+
+
+def _video_frame(codec: str, index_in_gop: int) -> bytes:
+    """The ES bytes of a frame: a keyframe at index 0 of its GOP."""
+    if codec == "h264":
+        return _H264_AUD + _H264_KEY if index_in_gop == 0 else _h264_p_frame(index_in_gop % _H264_MAX_FRAME_NUM)
+    return _VIDEO_FRAME if index_in_gop == 0 else _mpeg2_p_frame(index_in_gop)
+
+
+def gop_frames(gop: Optional[float]) -> int:
+    """Frames per GOP for ``gop`` seconds (None or 0: every frame a keyframe)."""
+    if gop is None or gop <= 0:
+        return 1
+    return max(1, round(gop * VIDEO_FPS))
+
 # --- adaptation field flags ---------------------------------------------------
 
 AF_DISCONTINUITY = 0x80
@@ -199,12 +305,12 @@ def _pat_section() -> bytes:
     return _section(0x00, TRANSPORT_STREAM_ID, body)
 
 
-def _pmt_section(video: bool) -> bytes:
+def _pmt_section(video: bool, codec: str = "mpeg2") -> bytes:
     pcr_pid = VIDEO_PID if video else AUDIO_PID
     body = bytearray([0xE0 | (pcr_pid >> 8), pcr_pid & 0xFF, 0xF0, 0x00])
     streams = [(STREAM_TYPE_MPEG1_AUDIO, AUDIO_PID)]
     if video:
-        streams.insert(0, (STREAM_TYPE_MPEG2_VIDEO, VIDEO_PID))
+        streams.insert(0, (STREAM_TYPE_H264 if codec == "h264" else STREAM_TYPE_MPEG2_VIDEO, VIDEO_PID))
     for stream_type, pid in streams:
         body += bytes([stream_type, 0xE0 | (pid >> 8), pid & 0xFF, 0xF0, 0x00])
     return _section(0x02, PROGRAM_NUMBER, bytes(body))
@@ -283,14 +389,29 @@ class _Mux:
     """Constant-bitrate multiplexer: decides, for each packet slot, what goes
     in it (PCR when due, then PSI, then queued audio/video, else null)."""
 
-    def __init__(self, bitrate: int, video: bool, mark_discontinuity: bool = False) -> None:
+    def __init__(
+        self,
+        bitrate: int,
+        video: bool,
+        mark_discontinuity: bool = False,
+        *,
+        codec: str = "mpeg2",
+        gop: int = 1,
+        random_access_indicator: bool = True,
+    ) -> None:
         self.bitrate = bitrate
         self.video = video
+        self._codec = codec
+        #: frames per GOP
+        self._gop = gop
+        self._rai = AF_RANDOM_ACCESS if random_access_indicator else 0
+        #: video frames queued so far
+        self._frame = 0
         #: index of the next packet slot
         self.slot = 0
         self._pcr_pid = VIDEO_PID if video else AUDIO_PID
         self._pat = _pat_section()
-        self._pmt = _pmt_section(video)
+        self._pmt = _pmt_section(video, codec)
         self._cc: Dict[int, int] = {}
         self._flags_once: Dict[int, int] = {}
         if mark_discontinuity:
@@ -357,7 +478,10 @@ class _Mux:
             audio, video = self._next_audio, self._next_video
             if video is not None and video <= now and video <= audio:
                 pts = (video + PTS_DELAY) // _PTS_DIVISOR
-                self._queue_pes(VIDEO_PID, _pes(0xE0, pts, _VIDEO_FRAME), AF_RANDOM_ACCESS)
+                index = self._frame % self._gop
+                self._frame += 1
+                frame = _video_frame(self._codec, index)
+                self._queue_pes(VIDEO_PID, _pes(0xE0, pts, frame), self._rai if index == 0 else 0)
                 self._next_video = video + VIDEO_FRAME_TICKS
             elif audio <= now:
                 pts = (audio + PTS_DELAY) // _PTS_DIVISOR
@@ -407,10 +531,17 @@ class _Mux:
 
 
 @functools.lru_cache(maxsize=None)
-def _flat_out_block() -> bytes:
+def _flat_out_block(codec: str = "mpeg2", gop: int = 1, random_access_indicator: bool = True) -> bytes:
     """About 2 MiB of stream ending on a clean boundary (nothing queued), so a
-    repeat starts with fresh PCR, PAT, PMT and whole PES packets."""
-    mux = _Mux(FLAT_OUT_NOMINAL_BITRATE, video=True, mark_discontinuity=True)
+    repeat starts with fresh PCR, PAT, PMT and whole PES packets (and a keyframe)."""
+    mux = _Mux(
+        FLAT_OUT_NOMINAL_BITRATE,
+        video=True,
+        mark_discontinuity=True,
+        codec=codec,
+        gop=gop,
+        random_access_indicator=random_access_indicator,
+    )
     parts = [mux.packets(FLAT_OUT_BLOCK_BYTES // PACKET_SIZE)]
     while mux.pending:
         parts.append(mux.packets(1))
@@ -432,18 +563,36 @@ class TSGenerator:
     See the module docstring for the stream's content.
     """
 
-    def __init__(self, bitrate: Optional[int], *, video: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        bitrate: Optional[int],
+        *,
+        video: Optional[bool] = None,
+        codec: str = "mpeg2",
+        gop: Optional[float] = DEFAULT_GOP,
+        random_access_indicator: bool = True,
+    ) -> None:
         """
         :param bitrate: bits per second, or ``None`` for flat out.
         :param video: include the video stream; ``None`` = when the bitrate
             leaves room for it (always, flat out).  Ignored flat out.
+        :param codec: ``"mpeg2"`` or ``"h264"`` video.
+        :param gop: seconds from one keyframe to the next (``None``: every
+            frame is one).
+        :param random_access_indicator: flag each keyframe's first packet with
+            the adaptation field's ``random_access_indicator``.
         """
+        if codec not in CODECS:
+            raise ValueError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
         self.bitrate = bitrate
+        self.codec = codec
+        #: frames from one keyframe to the next
+        self.gop_frames = gop_frames(gop)
         self._emitted = 0  # packets handed out
         self._stream_ns = 0  # stream time asked for through for_duration
         if bitrate is None:
             self._mux: Optional[_Mux] = None
-            self._block = _flat_out_block()
+            self._block = _flat_out_block(codec, self.gop_frames, random_access_indicator)
             self.has_video = True
             return
         if bitrate < MIN_BITRATE:
@@ -453,7 +602,7 @@ class TSGenerator:
         elif video and bitrate < VIDEO_MIN_BITRATE:
             raise ValueError(f"video needs a bitrate of at least {VIDEO_MIN_BITRATE}")
         self.has_video = video
-        self._mux = _Mux(bitrate, video)
+        self._mux = _Mux(bitrate, video, codec=codec, gop=self.gop_frames, random_access_indicator=random_access_indicator)
 
     @property
     def flat_out(self) -> bool:
