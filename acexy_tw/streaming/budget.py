@@ -5,7 +5,11 @@ Every :class:`~acexy_tw.streaming.sink.ClientSink` of the proxy shares one
 budget. A sink adds what it queues (:meth:`BacklogBudget.add`) and takes off
 what it drains (:meth:`BacklogBudget.drained`) or drops when it ends
 (:meth:`BacklogBudget.release`): integer arithmetic and one dict store on the
-hot path. Only when the total passes the cap is a decision made: the players
+hot path. Each session's fast-start cache (the stream since its latest
+keyframe, for joiners: :mod:`acexy_tw.streaming.joiner`) is a holder too; it
+reports its size with :meth:`BacklogBudget.resize`, and when it is the largest
+holder it is the one cut (dropped until the next keyframe — nobody is
+disconnected for it). Only when the total passes the cap is a decision made: the players
 furthest behind (largest backlog) are cut, as a player past its own cap
 (``ACEXY_BUFFER_SIZE``) is, until the total is back within the cap. The total
 never exceeds the cap by more than the one piece being queued.
@@ -49,7 +53,7 @@ TRIM_INTERVAL = 1.0
 
 
 class BudgetHolder(TypingProtocol):
-    """What the budget needs of a player (``ClientSink``)."""
+    """What the budget needs of a player (``ClientSink``) or of a session's fast-start cache (``FastStart``)."""
 
     backlog_bytes: int
 
@@ -95,7 +99,7 @@ class BacklogBudget:
         self.total = 0
         #: the largest total seen (at most cap + one piece)
         self.peak = 0
-        #: players cut to keep within the cap
+        #: holders cut to keep within the cap (players, and fast-start caches dropped)
         self.cuts = 0
         #: sinks with a backlog (insertion order: the oldest holder first on ties)
         self.holders: dict[BudgetHolder, None] = {}
@@ -136,6 +140,24 @@ class BacklogBudget:
             n = sink.backlog_bytes
             self.total -= n
             self._freed_bytes(n)
+
+    def resize(self, holder: BudgetHolder, old: int) -> None:
+        """
+        A holder that is not a player — a session's fast-start cache
+        (:class:`~acexy_tw.streaming.joiner.FastStart`) — now holds
+        ``holder.backlog_bytes`` instead of ``old``. Growth is checked against
+        the cap as a player's queueing is (the holder itself may be cut: its
+        ``cut`` drops what it holds and releases it). Shrinking is the cache
+        moving on to a newer keyframe — turnover, not a load going away — so it
+        never asks the allocator to trim; a :meth:`release` does.
+        """
+        new = holder.backlog_bytes
+        if new > old:
+            self.add(holder, new - old)
+            return
+        self.total -= old - new
+        if not new:
+            self.holders.pop(holder, None)
 
     # -- the decision --------------------------------------------------------------------
 

@@ -5,12 +5,14 @@ Each piece is framed as an HTTP chunk once and handed to every player (they
 send from one shared buffer). The flow policy is one property,
 :attr:`Fanout.hold_engine`: the engine is held back only while *every* attached
 player is paused. Keepalive (null packets while the session waits) goes through
-here too, with each player's own wait clock for ``max_wait``.
+here too, with each player's own wait clock for ``max_wait``. A player joining
+a streaming session is first handed the session's fast-start cache
+(:meth:`Fanout.replay`): PAT, PMT and the stream from the latest keyframe.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol as TypingProtocol
+from typing import Any, Optional, Protocol as TypingProtocol
 
 from acexy_tw.logs import get_logger
 from acexy_tw.streaming.mpegts import null_packets
@@ -87,6 +89,26 @@ class Fanout:
         framed = chunk(piece)  # framed once, shared by every player
         for sink in tuple(self.sinks):
             sink.deliver(piece, framed)
+
+    def replay(self, sink: SinkLike, cache: Any) -> int:
+        """
+        Give a joining ``sink`` (attached already) the stream from the
+        session's latest keyframe (``cache``, a
+        :class:`~acexy_tw.streaming.joiner.FastStart`), as pieces it delivers
+        like live ones: what its transport will not take yet is backlog in the
+        sink, under its flow control and caps like any backlog. Nothing when
+        no keyframe is held, or when the cache is more than the player may
+        ever be behind (it would be cut at once): it starts at the live edge.
+        Returns the bytes handed over.
+        """
+        size = cache.cached_bytes
+        if not size or size > getattr(sink, "max_backlog", size):
+            return 0
+        for piece in cache.snapshot():
+            sink.deliver(piece)
+            if getattr(sink, "ended", False):  # cut by its own cap or by the budget
+                break
+        return size
 
     def keepalive(self, now: float, max_wait: float, what: str) -> None:
         """Null packets for every player; those held past ``max_wait`` get a

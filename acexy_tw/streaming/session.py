@@ -8,7 +8,11 @@ lifecycle *policy* over three parts:
 - :class:`~acexy_tw.streaming.upstream.EngineConnection` — the engine's
   playback body as a producer (TS-aligned pieces, pause/resume, silence);
 - :class:`~acexy_tw.streaming.fanout.Fanout` — the players and the flow policy
-  (hold the engine back only while every player is paused).
+  (hold the engine back only while every player is paused);
+- :class:`~acexy_tw.streaming.joiner.FastStart` — the stream since the latest
+  keyframe, fed every piece before the players get it: a player joining a
+  streaming session gets it first (PAT, PMT, the stream from the keyframe),
+  then the live pieces. Dropped when the engine goes (failover, close).
 
 Failover is bounded by *incidents*: an incident starts when a streaming
 engine fails with players attached to a live stream, and ends only after real
@@ -44,7 +48,9 @@ from acexy_tw.engine import ContentError, EngineClient, EngineError, PlaybackInf
 from acexy_tw.logs import get_logger
 from acexy_tw.retry import Budget, RetryPolicy
 from acexy_tw.stats import SessionStats
+from acexy_tw.streaming.budget import BacklogBudget
 from acexy_tw.streaming.fanout import KEEPALIVE, KEEPALIVE_CHUNK, Fanout
+from acexy_tw.streaming.joiner import FAST_START_CAP, FastStart
 from acexy_tw.streaming.lifecycle import (
     CLOSED,
     LINGERING,
@@ -107,6 +113,10 @@ class SessionSettings:
     failover_reset: float = 30.0
     #: seconds between the engine's stat_url polls while streaming (0: never)
     stats_interval: float = 0.0
+    #: bytes of stream since the latest keyframe kept for joiners (0: they start at the live edge)
+    fast_start: int = FAST_START_CAP
+    #: the proxy's ACEXY_MAX_BACKLOG budget, which the fast-start caches count in
+    budget: Optional[BacklogBudget] = None
 
 
 @dataclass
@@ -175,6 +185,7 @@ class EngineSession:
         self._linger = settings.linger
         self._on_closed = on_closed
         self._fanout = Fanout()
+        self._fast = FastStart(cap=settings.fast_start, budget=settings.budget, name=str(key)) if settings.fast_start > 0 else None
         self._life = Lifecycle(self._entered)
         self._conn: Optional[EngineConnection] = None
         self._start_d: Optional[Deferred] = None
@@ -465,6 +476,8 @@ class EngineSession:
             self._life.inputs.joined()
         if self.waiting:  # "200 at once" for a player joining a waiting session
             sink.deliver(KEEPALIVE)
+        elif self._fast is not None and self._conn is not None:
+            self._fanout.replay(sink, self._fast)  # the picture at once: from the latest keyframe
         self._update_flow()
 
     def detach(self, sink: ClientSink) -> None:
@@ -524,12 +537,16 @@ class EngineSession:
                 self._cancel(self._healthy_call)
                 self._healthy_call = self._clock.callLater(self._failover_reset, self._check_healthy)
             self._last_piece_at = now
+        if self._fast is not None:
+            self._fast.feed(piece)  # first: a player attaching after this piece has it in the cache
         self._fanout.deliver(piece)
 
     def upstream_lost(self, reason: str, *, clean: bool, error: EngineError) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             self._bytes_in_done += conn.bytes_in
+        if self._fast is not None:
+            self._fast.reset()  # that stream is over: a joiner must not start in it
         if self.closed:
             return
         if reason == "engine_eof":
@@ -611,6 +628,8 @@ class EngineSession:
     def _drop_engine(self) -> None:
         """Close the engine side only: stop command, connection closed."""
         conn, self._conn = self._conn, None
+        if self._fast is not None:
+            self._fast.reset()  # another engine's stream (or none) comes next: its budget bytes go back
         if conn is not None:
             self._bytes_in_done += conn.bytes_in
             conn.close()
