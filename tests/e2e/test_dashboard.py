@@ -666,6 +666,7 @@ class HlsPoller:
         self.segments = 0
         self.errors: list = []
         self.got_segment: Deferred = Deferred()
+        self._current = None
         self.loop = LoopingCall(self._poll)
         self.loop.clock = reactor
         self.loop.start(0.5, now=True).addErrback(lambda f: self.errors.append(f.getErrorMessage()))
@@ -674,9 +675,12 @@ class HlsPoller:
     def stop(self) -> None:
         if self.loop.running:
             self.loop.stop()
+        if self._current is not None and not self._current.called:
+            self._current.cancel()
 
     def _poll(self) -> Deferred:
-        return Deferred.fromCoroutine(self._once()).addErrback(lambda f: self.errors.append(f.getErrorMessage()))
+        self._current = Deferred.fromCoroutine(self._once())
+        return self._current.addErrback(lambda f: None if self.loop is None or not self.loop.running else self.errors.append(f.getErrorMessage()))
 
     async def _once(self) -> None:
         from tests.integration.harness import within
@@ -800,6 +804,7 @@ async def _real_proxy_dashboard(reactor, cleanups: Cleanups, tmp_path) -> None:
     assert ts_sim.stop_commands == 1
     assert TOKEN not in json.dumps(doc)
     assert hls_player.segments >= 1
+    assert hls_player.errors == []  # the HLS player played on throughout
 
 
 @pytest_twisted.ensureDeferred
