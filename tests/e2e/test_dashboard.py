@@ -168,7 +168,7 @@ class FakeProxy:
     """
     ``/`` is the dashboard (with its CSP), ``/expanded`` the same page plus a
     script clicking the first client-list button (no CSP: it is not the
-    page's), ``/ace/status`` a canned document (or an error).
+    page's), ``/ace/status`` a canned document (or an error); a POST is 501.
     """
 
     def __init__(self, status=STATUS, status_code=200):
@@ -191,6 +191,10 @@ class FakeProxy:
                     self._send(status_code, "text/plain", b"no")
                 else:
                     self._send(404, "text/plain", b"not found")
+
+            def do_POST(self):  # a stop: refused, so the page's error path shows
+                outer.requests.append("POST " + self.path)
+                self._send(501, "text/plain", b"this status server stops nothing")
 
             def _send(self, code, ctype, body, extra=None):
                 self.send_response(code)
@@ -786,7 +790,10 @@ async def _real_proxy_dashboard(reactor, cleanups: Cleanups, tmp_path) -> None:
     await page.until("document.querySelector('table.streams tr.ts button.copy').textContent === 'copied'", "the copy")
     assert await page.js("navigator.clipboard.readText()") == ts_row["play"]
 
-    # -- stop, tapped on the phone layout ---------------------------------------------
+    # -- stop, tapped on the phone layout (it asks once more) ---------------------------
+    await page.click("table.streams tr.ts button.stop")
+    await page.until("document.querySelector('table.streams tr.ts button.stop').textContent === 'really stop?'", "the question")
+    assert not player.ended.called and ts_sim.stop_commands == 0  # one tap stops nothing
     await page.click("table.streams tr.ts button.stop")
     await player.when_ended()
     assert player.clean_end, player.end_reason  # the player's stream really ended, cleanly
@@ -839,11 +846,17 @@ async def test_pool_hls_and_a_refused_stop_on_the_canned_status_at_both_widths(r
                     assert await page.layout_problems(table) == [], (width, table)
             # This server refuses POST (501): the page says so and carries on.
             await page.click("table.streams tr.hls button.stop")
+            assert not any(r.startswith("POST") for r in proxy.requests)  # one tap sends nothing
+            await page.until("document.querySelector('table.streams tr.hls button.stop').textContent === 'really stop?'", "the question")
+            await page.until("document.querySelector('table.streams tr.hls button.stop').textContent === 'stop'", "the question to lapse", seconds=8)
+            await page.click("table.streams tr.hls button.stop")
+            await page.click("table.streams tr.hls button.stop")
             message = await page.until(
                 "/could not stop/.test(document.getElementById('note').textContent) && document.getElementById('note').textContent",
                 "the refusal",
             )
-            assert "HTTP 501" in message, message
+            assert "HTTP 501 this status server stops nothing" in message, message
+            assert [r for r in proxy.requests if r.startswith("POST")] == [f"POST /ace/stop?id={KEY_HLS}"]
             assert await page.js("document.getElementById('note').className") == "box err"
             assert await page.js("document.querySelector('table.streams tr.hls button.stop').disabled") is False
     finally:
