@@ -251,8 +251,8 @@ class FastStart:
         self._psi = b""  # the PAT and PMT in force at the cached RAP
         self._pat: Optional[bytes] = None  # the tables as last looked at
         self._pmt: Optional[bytes] = None
-        # where the latest PAT and PMT packets are (piece, offset): copied and
-        # copied when a RAP needs them, compared every PSI_CHECK pieces
+        # where the latest PAT and PMT packets are (piece, offset): copied
+        # when a RAP needs them, compared with the tables every PSI_CHECK pieces
         self._pat_at: Optional[tuple] = None
         self._pmt_at: Optional[tuple] = None
         self._psi_check = 0
@@ -309,7 +309,7 @@ class FastStart:
 
     def _account(self) -> None:
         """Tell the budget what is held now (moving on to a newer RAP is churn: no trim)."""
-        held = self._cached + (self._probe.size if self._probe is not None else 0)
+        held = len(self._psi) + self._cached + (self._probe.size if self._probe is not None else 0)
         old, self.backlog_bytes = self.backlog_bytes, held
         if self._budget is not None and held != old:
             self._budget.resize(self, old)  # may cut() this very cache
@@ -381,7 +381,13 @@ class FastStart:
             probe.pieces.append(kept)
             probe.size += len(kept)
             if probe.size > self.cap:  # its video packets never came
-                self._probe = None
+                self._probe = probe = None
+        if self._pieces and len(self._psi) + self._cached + (probe.size if probe is not None else 0) > self.cap:
+            self.overflows += 1
+            log.debug("fast-start cache of {name} over {cap} bytes: dropped until the next RAP", name=self.name, cap=self.cap)
+            self._pieces = []
+            self._cached = 0
+            self._psi = b""
         self._pat_at, self._pmt_at = self._psi_at(piece, header, count)
         self._psi_check -= 1
         if self._psi_check <= 0 and self.video_pid is not None:
@@ -500,7 +506,7 @@ class FastStart:
         return True
 
     def _keep(self, piece: Any, rap: Optional[tuple]) -> None:
-        """Move the cache on to a new RAP, or add the piece to it, within the cap."""
+        """Move the cache on to a new RAP, or add the piece to it (the cap is checked after)."""
         if rap is None:
             if not self._pieces:
                 return
@@ -517,9 +523,3 @@ class FastStart:
             self._psi = psi
             self._pieces = [kept]
             self._cached = len(kept)
-        if self._cached > self.cap:
-            self.overflows += 1
-            log.debug("fast-start cache of {name} over {cap} bytes: dropped until the next RAP", name=self.name, cap=self.cap)
-            self._pieces = []
-            self._cached = 0
-            self._psi = b""

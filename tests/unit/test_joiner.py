@@ -322,7 +322,7 @@ class BoundsTests(SynchronousTestCase):
         budget = BacklogBudget(10**9, clock=Clock())
         fast = FastStart(cap=20 * PACKET_SIZE, budget=budget)
         fast.feed(pat() + pmt(0x1B) + frame(H264_IDR, extra=3))
-        self.assertEqual(budget.total, 4 * PACKET_SIZE)
+        self.assertEqual(budget.total, (2 + 4) * PACKET_SIZE)  # the PAT and PMT copies count too
         for _ in range(20):
             fast.feed(frame(H264_P))
             self.assertLessEqual(fast.backlog_bytes, 20 * PACKET_SIZE)
@@ -332,7 +332,7 @@ class BoundsTests(SynchronousTestCase):
         self.assertEqual(fast.snapshot(), [])  # not before the next RAP
         fast.feed(frame(H264_IDR))
         self.assertEqual(joined(fast)[2 * PACKET_SIZE :], frame(H264_IDR))
-        self.assertEqual(budget.total, PACKET_SIZE)
+        self.assertEqual(budget.total, 3 * PACKET_SIZE)
 
     def test_moving_on_to_a_new_rap_resizes_without_a_trim(self) -> None:
         trims: list[int] = []
@@ -340,7 +340,7 @@ class BoundsTests(SynchronousTestCase):
         fast = FastStart(budget=budget)
         fast.feed(pat() + pmt(0x1B) + frame(H264_IDR, extra=50))
         fast.feed(frame(H264_IDR))
-        self.assertEqual((budget.total, trims), (PACKET_SIZE, []))
+        self.assertEqual((budget.total, trims), (3 * PACKET_SIZE, []))
         fast.reset()  # memory really going: released (and trimmed)
         self.assertEqual((budget.total, trims, fast in budget.holders), (0, [1], False))
 
@@ -348,11 +348,11 @@ class BoundsTests(SynchronousTestCase):
         budget = BacklogBudget(10 * PACKET_SIZE, clock=Clock())
         fast = FastStart(budget=budget)
         fast.feed(pat() + pmt(0x1B) + frame(H264_IDR, extra=5))
-        self.assertEqual(budget.total, 6 * PACKET_SIZE)
-        fast.feed(frame(H264_P, extra=5))  # 12 packets: over the budget's cap, and the largest holder
+        self.assertEqual(budget.total, 8 * PACKET_SIZE)
+        fast.feed(frame(H264_P, extra=5))  # 14 packets: over the budget's cap, and the largest holder
         self.assertEqual((fast.snapshot(), fast.cuts, budget.cuts, budget.total), ([], 1, 1, 0))
         fast.feed(frame(H264_IDR))
-        self.assertEqual(budget.total, PACKET_SIZE)
+        self.assertEqual(budget.total, 3 * PACKET_SIZE)
 
 
 # -- a joiner through the fan-out ------------------------------------------------------------
@@ -421,3 +421,140 @@ class SeamTests(SynchronousTestCase):
         big = FakeSink()
         fanout.add(big)
         self.assertEqual(fanout.replay(big, fast), 23 * PACKET_SIZE)
+
+
+# -- in a session ---------------------------------------------------------------------------
+
+
+class Placement:
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def place(self, key: Any, *, avoid: frozenset = frozenset()) -> tuple:
+        info = await self.engine.start(key)
+        return self.engine, info
+
+    def release(self, key: Any) -> None:
+        pass
+
+
+class SessionSink(FakeSink):
+    session: Any = None
+
+    def end(self, clean: bool, error: Any) -> None:
+        self.ended = True
+        session, self.session = self.session, None
+        if session is not None:
+            session.detach(self)
+
+
+class SessionTests(SynchronousTestCase):
+    def session(self, **settings: Any) -> tuple[Any, Any, BacklogBudget, list]:
+        from acexy_tw.streaming.session import EngineSession, SessionSettings
+        from acexy_tw.testing import ScriptedEngine, key
+
+        budget = BacklogBudget(10**9, clock=Clock())
+        engine = ScriptedEngine()
+        closed: list = []
+        session = EngineSession(
+            key(),
+            Placement(engine),
+            Clock(),
+            SessionSettings(empty_timeout=60, linger=0, budget=budget, **settings),
+            on_closed=lambda s, reason: closed.append(reason),
+        )
+        return session, engine, budget, closed
+
+    def test_first_player_live_joiner_from_the_rap_budget_released_at_close(self) -> None:
+        session, engine, budget, closed = self.session()
+        first = SessionSink()
+        session.attach(first)
+        session.start()
+        data = TSGenerator(4_000_000, codec="h264", gop=1.0).for_duration(2.5)
+        half = len(data) // PACKET_SIZE // 2 * PACKET_SIZE
+        engine.response.data(data[:half])
+        self.assertEqual(b"".join(first.received), data[:half])  # the first player: the live stream as before
+        self.assertGreater(budget.total, 0)  # the cache counts in ACEXY_MAX_BACKLOG
+        joiner = SessionSink()
+        session.attach(joiner)
+        engine.response.data(data[half:])
+        got = b"".join(joiner.received)
+        self.assertEqual(got[2 * PACKET_SIZE :], data[len(data) - len(got) + 2 * PACKET_SIZE :])
+        self.assertTrue(keyframe("h264", got[2 * PACKET_SIZE + 5 + got[2 * PACKET_SIZE + 4] :]))
+        session.close("stopped")
+        self.assertEqual((budget.total, dict(budget.holders), closed), (0, {}, ["stopped"]))
+
+    def test_a_player_joining_before_any_rap_starts_at_the_live_edge(self) -> None:
+        session, engine, budget, _ = self.session()
+        session.attach(SessionSink())
+        session.start()
+        data = TSGenerator(4_000_000, codec="h264", gop=1.0).for_duration(1.5)
+        keyless = data[: 3 * PACKET_SIZE]  # PCR, PAT, PMT: no keyframe yet
+        engine.response.data(keyless)
+        joiner = SessionSink()
+        session.attach(joiner)
+        self.assertEqual(joiner.received, [])
+        engine.response.data(data[3 * PACKET_SIZE :])
+        self.assertEqual(b"".join(joiner.received), data[3 * PACKET_SIZE :])
+
+    def test_the_engine_lost_drops_the_cache(self) -> None:
+        session, engine, budget, _ = self.session()
+        session.attach(SessionSink())
+        session.start()
+        engine.response.data(TSGenerator(4_000_000, codec="h264", gop=1.0).for_duration(1.5))
+        self.assertGreater(budget.total, 0)
+        engine.response.eof()
+        self.assertEqual(budget.total, 0)
+
+    def test_off(self) -> None:
+        session, engine, budget, _ = self.session(fast_start=0)
+        session.attach(SessionSink())
+        session.start()
+        engine.response.data(TSGenerator(4_000_000, codec="h264", gop=1.0).for_duration(1.5))
+        joiner = SessionSink()
+        session.attach(joiner)
+        self.assertEqual((budget.total, joiner.received), (0, []))
+
+    def test_the_cache_is_backlog_under_the_joiners_flow_control(self) -> None:
+        """A joiner whose transport is full after the first write: the rest of
+        the cache waits in its sink (its backlog, in the budget, past its
+        high-water mark: paused), and drains when the transport resumes."""
+        from acexy_tw.streaming.sink import ClientSink
+
+        session, engine, budget, _ = self.session()
+        session.attach(SessionSink())
+        session.start()
+        data = TSGenerator(4_000_000, codec="h264", gop=1.0).for_duration(1.8)
+        for i in range(0, len(data), 64 * PACKET_SIZE):
+            engine.response.data(data[i : i + 64 * PACKET_SIZE])
+        cache = session._fast.cached_bytes
+
+        class Request:
+            chunked = False
+            producer: Any = None
+            def __init__(self) -> None:
+                self.written: list[bytes] = []
+
+            def registerProducer(self, producer: Any, streaming: bool) -> None:
+                self.producer = producer
+
+            def unregisterProducer(self) -> None:
+                self.producer = None
+
+            def write(self, data: bytes) -> None:
+                self.written.append(bytes(data))
+                self.producer.pauseProducing()  # the transport is full at once
+
+        request = Request()
+        sink = ClientSink(request, clock=Clock(), max_backlog=8 * 1024 * 1024, stuck_timeout=0, high_water=64 * 1024, budget=budget)
+        session.attach(sink)
+        self.assertEqual(len(request.written), 1)  # PAT and PMT (with the headers)
+        self.assertEqual(sink.backlog_bytes, cache - 2 * PACKET_SIZE)
+        self.assertEqual(budget.total, cache + sink.backlog_bytes)
+        self.assertTrue(sink.paused)
+        self.assertFalse(session.upstream_paused)  # the other player keeps the engine going
+        sink.resumeProducing()  # write() pauses again: one piece per resume
+        while sink.backlog_bytes:
+            sink.resumeProducing()
+        self.assertEqual(b"".join(request.written)[2 * PACKET_SIZE :], data[len(data) - cache + 2 * PACKET_SIZE :])
+        self.assertEqual(budget.total, cache)
