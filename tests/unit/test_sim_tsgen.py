@@ -256,3 +256,101 @@ def test_ffprobe_recognises_the_stream(tmp_path, bitrate, codecs):
     video = [s for s in info["streams"] if s["codec_type"] == "video"]
     if video:
         assert (video[0]["width"], video[0]["height"]) == (160, 90)
+
+
+# --- GOPs ----------------------------------------------------------------------------
+
+
+def video_frames(packets: List[Packet]) -> List[tuple]:
+    """(PES first packet, ES bytes of the whole PES) of every video frame."""
+    frames: List[list] = []
+    for p in packets:
+        if p.pid != VIDEO_PID or not p.has_payload:
+            continue
+        if p.start:
+            frames.append([p, bytearray(p.payload)])
+        elif frames:
+            frames[-1][1] += p.payload
+    out = []
+    for first, pes in frames:
+        assert pes[:3] == b"\x00\x00\x01"
+        out.append((first, bytes(pes[9 + pes[8] :])))
+    return out
+
+
+def nal_types(es: bytes) -> List[int]:
+    return [es[i + 3] & 0x1F for i in range(len(es) - 3) if es[i : i + 3] == b"\x00\x00\x01"]
+
+
+def flagged(first: Packet, data: bytes) -> bool:
+    raw = data[first.index * PACKET_SIZE : (first.index + 1) * PACKET_SIZE]
+    return bool(raw[3] & 0x20 and raw[4] and raw[5] & 0x40)
+
+
+@pytest.mark.parametrize("codec", ["mpeg2", "h264"])
+@pytest.mark.parametrize("rai", [True, False])
+def test_a_keyframe_every_gop(codec, rai):
+    gen = TSGenerator(4_000_000, codec=codec, gop=0.4, random_access_indicator=rai)
+    assert gen.gop_frames == 10
+    data = gen.for_duration(2.0)
+    frames = video_frames(parse(data))
+    assert len(frames) >= 45
+    for n, (first, es) in enumerate(frames):
+        key = n % 10 == 0
+        assert flagged(first, data) == (key and rai), n
+        if codec == "h264":
+            assert nal_types(es) == ([9, 7, 8, 5] if key else [9, 1]), n
+        else:
+            picture = es.index(b"\x00\x00\x01\x00")
+            assert (es[picture + 5] >> 3) & 0x07 == (1 if key else 2), n  # I, else P
+            assert (es[picture + 4] << 2 | es[picture + 5] >> 6) == n % 10  # temporal_reference
+
+
+def test_h264_pmt_and_frame_numbers():
+    packets = parse(TSGenerator(4_000_000, codec="h264", gop=2.0).for_duration(1.0))
+    pmt = section_of(next(p for p in packets if p.pid == PMT_PID))
+    assert bytes([0x1B, 0xE0 | VIDEO_PID >> 8, VIDEO_PID & 0xFF]) in pmt
+    # P slices: first_mb 0 ('1'), slice_type 5 ('00110'), pps 0 ('1'), then frame_num (4 bits)
+    numbers = []
+    for _, es in video_frames(packets)[1:]:
+        slice_ = es[es.index(b"\x00\x00\x01\x41") + 4 :]
+        bits = format(int.from_bytes(slice_[:2], "big"), "016b")
+        assert bits[:7] == "1001101"
+        numbers.append(int(bits[7:11], 2))
+    assert numbers[:20] == [n % 16 for n in range(1, 21)]
+
+
+def test_no_gop_is_all_intra_and_codecs_are_checked():
+    frames = video_frames(parse(TSGenerator(4_000_000, gop=None).for_duration(0.5)))
+    assert all(es.startswith(b"\x00\x00\x01\xb3") for _, es in frames)  # a sequence header each
+    with pytest.raises(ValueError):
+        TSGenerator(4_000_000, codec="vp9")
+
+
+@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed")
+@pytest.mark.parametrize("codec, name", [("h264", "h264"), ("mpeg2", "mpeg2video")])
+def test_ffprobe_decodes_the_gops(tmp_path, codec, name):
+    data = TSGenerator(4_000_000, codec=codec, gop=1.0, random_access_indicator=False).for_duration(3.0)
+    path = tmp_path / "gop.ts"
+    path.write_bytes(data)
+    result = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_frames", "-show_streams",
+         "-show_entries", "frame=key_frame,pict_type:stream=codec_name,width,height", "-of", "json", str(path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert result.stderr == ""
+    info = json.loads(result.stdout)
+    assert (info["streams"][0]["codec_name"], info["streams"][0]["width"], info["streams"][0]["height"]) == (name, 160, 90)
+    kinds = [(f["key_frame"], f["pict_type"]) for f in info["frames"]]
+    assert len(kinds) >= 60
+    assert all(k == ((1, "I") if n % 25 == 0 else (0, "P")) for n, k in enumerate(kinds)), kinds
+
+
+def test_flat_out_has_gops_and_starts_each_repeat_with_a_keyframe():
+    gen = TSGenerator(None, codec="h264", gop=2.0)
+    block = len(tsgen._flat_out_block("h264", 50, True)) // PACKET_SIZE
+    data = gen.packets(2 * block)
+    frames = video_frames(parse(data))
+    keys = [n for n, (_, es) in enumerate(frames) if 5 in nal_types(es)]
+    per_block = len(frames) // 2
+    assert keys == [base + k for base in (0, per_block) for k in range(0, per_block, 50)]
