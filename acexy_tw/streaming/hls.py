@@ -5,7 +5,11 @@ A player polls ``/ace/manifest.m3u8?id=…``; the proxy starts (single-flight)
 an engine session with ``/ace/manifest.m3u8?format=json`` and serves the
 engine's live playlist with every URI in it (segment lines and ``URI="…"``
 attributes: keys, init sections, renditions) replaced by an opaque proxy route
-``/ace/hls/<session id>/<name>``: the engine's own addresses are not routable
+``/ace/hls/<content id>/<session id>/<name>``, written *relative* to the
+playlist (``hls/…``), so the links work under whatever path prefix a reverse
+proxy serves the proxy at, and a load balancer hashing on the content id
+(``etc/haproxy/haproxy.cfg``) sends each segment where its playlist came
+from. The engine's own addresses are not routable
 from players, and may not be from anywhere but the proxy. A name stands for
 one full engine URL of the current (or the previous) playlist; nothing else
 can be fetched through it. A URI that is not on the engine, or that the proxy
@@ -110,7 +114,7 @@ class HlsSession:
         self._cached: Optional[Any] = None
         self._cached_until = 0.0
         self._fetching: Optional[Deferred] = None
-        self._pollers: list[tuple[Deferred, str]] = []
+        self._pollers: list[tuple[Deferred, str, str]] = []
         #: segment relays in progress (closed with the session)
         self.relays: set["SegmentRelay"] = set()
         self._placement = placement
@@ -139,8 +143,14 @@ class HlsSession:
         return max(self._linger, 3 * self.target_duration, 1.0)
 
     @property
+    def segment_path(self) -> str:
+        """Where this session's segments are, relative to ``/ace/``."""
+        return f"hls/{self.key.value}/{self.sid}"
+
+    @property
     def segment_base(self) -> str:
-        return f"/ace/hls/{self.sid}"
+        """The same as an absolute path."""
+        return f"/ace/{self.segment_path}"
 
     # -- start ---------------------------------------------------------------------------
 
@@ -182,10 +192,12 @@ class HlsSession:
 
     # -- the playlist --------------------------------------------------------------------
 
-    def playlist(self, query: str = "") -> Deferred:
+    def playlist(self, query: str = "", up: str = "") -> Deferred:
         """
-        The engine's live playlist, every URI in it pointing at a proxy route
-        (``segment_base/<name>`` + ``query``): a fresh Deferred per poller.
+        The engine's live playlist, every URI in it pointing at a proxy route,
+        relative: ``up`` (``../`` per directory the playlist's path is below
+        ``/ace/``) + ``segment_path/<name>`` + ``query``. A fresh Deferred per
+        poller.
 
         The engine's playlist is fetched at most once per target duration,
         whatever the number of pollers: the last one is kept that long, and
@@ -195,10 +207,11 @@ class HlsSession:
         self.polls += 1
         if self.closed or self.engine is None or self.info is None:
             return fail(self._error or EngineError("HLS session ended"))
+        link = up + self.segment_path
         if self._cached is not None and self._clock.seconds() < self._cached_until:
-            return self._answer(self._cached, query)
+            return self._answer(self._cached, query, link)
         d: Deferred = Deferred(self._forget_poller)
-        self._pollers.append((d, query))  # before the fetch: it may fire at once
+        self._pollers.append((d, query, link))  # before the fetch: it may fire at once
         if self._fetching is None:
             self.fetches += 1
             self._fetching = self.engine.fetch(self.info.playback_url)
@@ -208,10 +221,10 @@ class HlsSession:
     def _forget_poller(self, d: Deferred) -> None:
         self._pollers = [p for p in self._pollers if p[0] is not d]
 
-    def _answer(self, cached: Any, query: str) -> Deferred:
+    def _answer(self, cached: Any, query: str, link: str) -> Deferred:
         if isinstance(cached, BaseException):
             return fail(cached)
-        return succeed(self._render(cached, query))
+        return succeed(self._render(cached, query, link))
 
     def _fetched(self, result: Any) -> None:
         self._fetching = None
@@ -231,8 +244,8 @@ class HlsSession:
         self._cached = cached
         self._cached_until = self._clock.seconds() + (self.target_duration or 1.0)
         pollers, self._pollers = self._pollers, []
-        for d, query in pollers:
-            self._answer(cached, query).chainDeferred(d)
+        for d, query, link in pollers:
+            self._answer(cached, query, link).chainDeferred(d)
 
     def _parse(self, code: int, body: bytes) -> list[list[str]]:
         """The engine playlist as lines of alternating text and names; EngineError if refused."""
@@ -308,11 +321,10 @@ class HlsSession:
         names[engine_url] = name
         return name
 
-    def _render(self, lines: list[list[str]], query: str) -> bytes:
-        base = self.segment_base
+    def _render(self, lines: list[list[str]], query: str, link: str) -> bytes:
         out = []
         for parts in lines:
-            out.append("".join(p if i % 2 == 0 else f"{base}/{p}{query}" for i, p in enumerate(parts)))
+            out.append("".join(p if i % 2 == 0 else f"{link}/{p}{query}" for i, p in enumerate(parts)))
         return ("\n".join(out) + "\n").encode("utf-8")
 
     def segment_url(self, name: str) -> Optional[str]:
@@ -350,7 +362,7 @@ class HlsSession:
         pollers, self._pollers = self._pollers, []
         if self._fetching is not None:
             self._fetching.cancel()
-        for d, _ in pollers:
+        for d, _, _ in pollers:
             d.errback(EngineError("HLS session ended"))
         for relay in list(self.relays):
             relay.abort("the HLS session stopped", 503)

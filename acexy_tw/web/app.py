@@ -197,9 +197,13 @@ class ProxyApp:
         if isinstance(token, bytes):
             token = token.decode("ascii", "replace")
         query = "?token=" + quote(token, safe="") if token else ""
+        # segment links are relative to this playlist's own path (a path
+        # prefix added by a reverse proxy stays in them): one "../" for each
+        # directory below /ace/ (``/ace/getstream/`` with ACEXY_M3U8)
+        up = "../" * max(0, request.path.count(b"/") - 2)
         try:
             await session.ready()
-            body = await session.playlist(query)
+            body = await session.playlist(query, up)
         except NoEngine as e:  # never held: a playlist client retries by itself
             return _refusal(request, e)
         except EngineError as e:
@@ -208,11 +212,12 @@ class ProxyApp:
         request.setHeader(b"cache-control", b"no-cache, no-store")
         return body
 
-    @app.route("/ace/hls/<string:sid>/<string:name>", methods=["GET"], endpoint="segment")
-    async def segment(self, request: Any, sid: str, name: str) -> Optional[bytes]:
-        """A name of the session's current playlist, relayed from the engine; anything else is 404."""
+    @app.route("/ace/hls/<string:content>/<string:sid>/<string:name>", methods=["GET"], endpoint="segment")
+    async def segment(self, request: Any, content: str, sid: str, name: str) -> Optional[bytes]:
+        """A name of the session's current playlist, relayed from the engine;
+        anything else (another content's path included) is 404."""
         session = self.hls.by_sid(sid) if self.hls is not None else None
-        url = session.segment_url(name) if session is not None else None
+        url = session.segment_url(name) if session is not None and session.key.value == content else None
         if session is None or url is None or session.engine is None or session.closed:
             return _text(request, 404, "unknown HLS segment")
         session.touch()

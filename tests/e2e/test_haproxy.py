@@ -148,9 +148,9 @@ def haproxy_config(front: int, backends: list[int]) -> str:
     text, n = re.subn(r"(?m)^(\s*bind\s+)\S+", rf"\g<1>{HOST}:{front}", text)
     assert n == 1, "expected one bind line in haproxy.cfg"
     servers = re.findall(r"(?m)^\s*server\s+\S+\s+(\S+)", text)
-    assert servers == ["127.0.0.1:8081", "127.0.0.1:8082"], servers
-    for old, port in zip(servers, backends):
-        text = text.replace(f" {old}", f" {HOST}:{port}", 1)
+    assert servers == ["127.0.0.1:8081", "127.0.0.1:8082"] * 2, servers  # players' and the dashboard's backends
+    for old, port in zip(servers[:2], backends):
+        text = text.replace(f" {old}", f" {HOST}:{port}")
     return text
 
 
@@ -160,6 +160,17 @@ def get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
         conn.request("GET", path)
         resp = conn.getresponse()
         return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def get_with_cookie(port: int, path: str, cookie: str = "", timeout: float = 5) -> tuple[int, bytes, str]:
+    """GET with a Cookie header; the status, the body and the cookie set (``name=value``, or "")."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), (resp.getheader("set-cookie") or "").split(";")[0]
     finally:
         conn.close()
 
@@ -203,23 +214,21 @@ def content_ids(n: int) -> list[str]:
     return [f"{i:02x}" * 20 for i in range(0x10, 0x10 + n)]
 
 
-@pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed")
-def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
-    started = time.monotonic()
-    children: list[Child] = []
-    players: list[Player] = []
-    try:
-        engine = Child(
+class Cluster:
+    """One simulated engine, two ``twistd acexy`` instances on it, and HAProxy
+    running the shipped config in front of them; every process is stopped by
+    :meth:`stop`."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.children: list[Child] = []
+        engine = self._child(
             "engine",
             [sys.executable, "-m", "acexy_tw.sim.engine", "--port", "0", "--interface", HOST, "--bitrate", "2M"],
             tmp_path,
         )
-        children.append(engine)
         engine_port = int(engine.wait_for(r"simulated AceStream engine on http://[\d.]+:(\d+)").group(1))
-
-        proxies = []
-        for name in ("acexy1", "acexy2"):
-            child = Child(
+        self.proxies = [
+            self._child(
                 name,
                 [
                     TWISTD, "-n", "--pidfile=", "acexy",
@@ -229,19 +238,18 @@ def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
                 ],
                 tmp_path,
             )
-            children.append(child)
-            proxies.append(child)
-        ports = [int(p.wait_for(r"serving on [\d.]+:(\d+)").group(1)) for p in proxies]
-        for port in ports:
+            for name in ("acexy1", "acexy2")
+        ]
+        self.ports = [int(p.wait_for(r"serving on [\d.]+:(\d+)").group(1)) for p in self.proxies]
+        for port in self.ports:
             assert get(port, "/healthz")[0] == 200
 
-        front = free_port()
+        self.front = front = free_port()
         cfg = tmp_path / "haproxy.cfg"
-        cfg.write_text(haproxy_config(front, ports), encoding="utf-8")
+        cfg.write_text(haproxy_config(front, self.ports), encoding="utf-8")
         check = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=10)
         assert check.returncode == 0, check.stdout + check.stderr
-        haproxy = Child("haproxy", ["haproxy", "-db", "-f", str(cfg)], tmp_path)
-        children.append(haproxy)
+        self.haproxy = haproxy = self._child("haproxy", ["haproxy", "-db", "-f", str(cfg)], tmp_path)
 
         def front_healthy():
             if haproxy.proc.poll() is not None:
@@ -252,6 +260,27 @@ def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
                 return False
 
         until(front_healthy, STARTUP, "haproxy's /healthz")
+
+    def _child(self, name: str, argv: list[str], logdir: Path) -> Child:
+        child = Child(name, argv, logdir)
+        self.children.append(child)
+        return child
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        for child in self.children:
+            assert "Traceback" not in child.output(), f"{child.name}:\n{child.output()}"
+
+
+@pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed")
+def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
+    started = time.monotonic()
+    players: list[Player] = []
+    cluster = None
+    try:
+        cluster = Cluster(tmp_path)
+        front, ports, proxies, haproxy = cluster.front, cluster.ports, cluster.proxies, cluster.haproxy
 
         # -- one content, two players with different extra parameters: one session --
         cid = "0123456789abcdef0123456789abcdef01234567"
@@ -308,16 +337,27 @@ def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
         finally:
             player.close()
 
-        # -- requests without a content id are spread (HAProxy's log names the server) --
-        # (Round robin on a consistent-hash ring walks it: runs of one server, so ask a few times.)
-        for _ in range(16):
-            assert get(front, "/ace/status")[0] == 200
+        # -- the dashboard: spread without a cookie, kept on one instance with it --------
+        # (HAProxy's log names the backend and the server.)
+        cookies = set()
+        for _ in range(4):
+            code, _, cookie = get_with_cookie(front, "/ace/status")
+            assert code == 200
+            cookies.add(cookie)
+        assert cookies == {"ACEXY_INSTANCE=acexy1", "ACEXY_INSTANCE=acexy2"}, cookies  # round robin
+        for _ in range(6):  # a browser sends its cookie back: the same instance every time
+            assert get_with_cookie(front, "/ace/status", "ACEXY_INSTANCE=acexy2")[0] == 200
+        for _ in range(2):  # ?instance= picks one, whatever the cookie says
+            code, _, cookie = get_with_cookie(front, "/?instance=acexy1", "ACEXY_INSTANCE=acexy2")
+            assert (code, cookie) == (200, "ACEXY_INSTANCE=acexy1")
 
-        def status_servers(output: str):
-            served = re.findall(r"acexy/(acexy\d) .*\"GET /ace/status HTTP", output)
-            return set(served) if len(served) >= 16 else None
+        def dashboard_servers(output: str):
+            served = re.findall(r"dashboard/(acexy\d) .*\"GET (/\S*) HTTP", output)
+            return served if len(served) >= 12 else None
 
-        assert haproxy.wait_output(status_servers, 10, "log of 16 /ace/status") == {"acexy1", "acexy2"}
+        served = haproxy.wait_output(dashboard_servers, 10, "log of 12 dashboard requests")
+        assert [server for server, _ in served[4:10]] == ["acexy2"] * 6, served
+        assert [server for server, _ in served[10:12]] == ["acexy1"] * 2, served
 
         # -- an instance goes away: its content moves to the other one -----------------
         proxies[owner].stop()
@@ -334,8 +374,53 @@ def test_haproxy_keeps_one_content_on_one_instance(tmp_path):
     finally:
         for player in players:
             player.close()
-        for child in reversed(children):
-            child.stop()
-    for child in children:
-        assert "Traceback" not in child.output(), f"{child.name}:\n{child.output()}"
+        if cluster is not None:
+            cluster.stop()
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed")
+@pytest.mark.skipif(not shutil.which("ffmpeg"), reason="ffmpeg not installed")
+def test_hls_and_ts_through_haproxy_keep_to_one_instance(tmp_path):
+    """ffmpeg plays an HLS stream through HAProxy for 20 s while a player reads
+    a TS stream: every segment goes where its playlist came from (the content id
+    is in the segment path), so none fails."""
+    cluster = None
+    ts_player = None
+    try:
+        cluster = Cluster(tmp_path)
+        hls_cid, ts_cid = "ab" * 20, "cd" * 20
+        ts_player = Player(cluster.front, f"id={ts_cid}")
+        ts_player.read_ts()
+        ffmpeg = subprocess.run(
+            [
+                "ffmpeg", "-nostdin", "-v", "warning",
+                "-i", f"http://{HOST}:{cluster.front}/ace/manifest.m3u8?id={hls_cid}",
+                "-t", "20", "-c", "copy", "-f", "mpegts", str(tmp_path / "hls.ts"),
+            ],
+            capture_output=True, text=True, timeout=90,
+        )
+        assert ffmpeg.returncode == 0, ffmpeg.stderr
+        assert "Failed to open segment" not in ffmpeg.stderr, ffmpeg.stderr
+        assert "HTTP error" not in ffmpeg.stderr, ffmpeg.stderr
+        ts_player.read_ts()  # the TS stream kept flowing meanwhile
+
+        def hls_requests(output: str):
+            found = re.findall(r"acexy/(acexy\d) \S+ (\d{3}) .*\"GET (/ace/(?:manifest|hls/)\S*) HTTP", output)
+            segments = [f for f in found if f[2].startswith("/ace/hls/")]
+            return found if len(segments) >= 8 else None
+
+        found = cluster.haproxy.wait_output(hls_requests, 10, "log of the HLS requests")
+        assert {server for server, _, _ in found} == {found[0][0]}, found  # one instance for all of it
+        assert {code for _, code, _ in found} == {"200"}, found
+        assert all(path.startswith(f"/ace/hls/{hls_cid}/") for _, _, path in found if "/hls/" in path), found
+        # the owner carries the HLS session, the other instance does not
+        owner = cluster.ports[int(found[0][0][-1]) - 1]
+        other = cluster.ports[2 - int(found[0][0][-1])]
+        assert [s["key"] for s in status(owner).get("hls", [])] != []
+        assert status(other).get("hls", []) == []
+    finally:
+        if ts_player is not None:
+            ts_player.close()
+        if cluster is not None:
+            cluster.stop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
@@ -46,7 +46,8 @@ def fds() -> int:
 
 
 def uri_lines(playlist: str) -> list[str]:
-    return [line for line in playlist.splitlines() if line and not line.startswith("#")]
+    """The playlist's segment links, resolved against its path as a player does (they are relative)."""
+    return [urljoin("/ace/manifest.m3u8", line) for line in playlist.splitlines() if line and not line.startswith("#")]
 
 
 def manifest(content_id: str = CID, extra: str = "") -> str:
@@ -163,7 +164,7 @@ class OpaqueSegmentNameTests(TestCase):
         session = next(iter(proxy.service.hls))
         self.assertEqual(len(set(lines)), len(lines))  # /ace/c/<ih>/<n>.ts and /secret/<n>.ts differ
         for line in lines:
-            self.assertTrue(line.startswith(f"/ace/hls/{session.sid}/"), line)
+            self.assertTrue(line.startswith(f"{session.segment_base}/"), line)
             self.assertNotRegex(line.rsplit("/", 1)[1], r"^\d+\.ts$")  # not the engine's file name
         last = int(playlist.split("#EXT-X-MEDIA-SEQUENCE:")[1].split()[0]) + len(lines) - 2
         infohash = engine.last_session.infohash
@@ -174,7 +175,12 @@ class OpaqueSegmentNameTests(TestCase):
         code, _ = await get_text(self, proxy.url(lines[-1]))  # relayed to /secret/<n>.ts: the engine's 404
         self.assertEqual(code, 404)
         for path in (f"{last}.ts", "nope.ts", "..%2F..%2Fsecret%2F1.ts"):
-            code, _ = await get_text(self, proxy.url(f"/ace/hls/{session.sid}/{path}"))
+            code, _ = await get_text(self, proxy.url(f"{session.segment_base}/{path}"))
+            self.assertEqual(code, 404, path)
+        # a listed name under another content's path (or the old path without one) is not found either
+        name = lines[-2].rsplit("/", 1)[1]
+        for path in (f"/ace/hls/{'f' * 40}/{session.sid}/{name}", f"/ace/hls/{session.sid}/{name}"):
+            code, _ = await get_text(self, proxy.url(path))
             self.assertEqual(code, 404, path)
         self.assertEqual(engine.segment_requests, 1)  # unknown names never reach the engine
 
@@ -213,14 +219,14 @@ class OpaqueSegmentNameTests(TestCase):
         self.assertNotIn("/ace/c/", playlist)
         session = next(iter(proxy.service.hls))
         tags = {line.split(":", 1)[0]: line for line in playlist.splitlines() if "URI=" in line}
-        uri = {tag: line.split('URI="', 1)[1].split('"', 1)[0] for tag, line in tags.items()}
+        uri = {tag: urljoin("/ace/manifest.m3u8", line.split('URI="', 1)[1].split('"', 1)[0]) for tag, line in tags.items()}
         lines = uri_lines(playlist)
         self.assertEqual(uri["#EXT-X-MAP"], lines[-1])  # the same engine URL, the same name
         self.assertEqual(uri["#EXT-X-KEY"], uri["#EXT-X-MEDIA"])  # relative and absolute-path forms alike
         self.assertEqual(uri["#EXT-X-KEY"], lines[0])
         self.assertTrue(tags["#EXT-X-KEY"].endswith(",IV=0x1"))
         for value in uri.values():
-            self.assertTrue(value.startswith(f"/ace/hls/{session.sid}/"), value)
+            self.assertTrue(value.startswith(f"{session.segment_base}/"), value)
         client = http_client(self)
         map_body = await within((await within(client.get(proxy.url(uri["#EXT-X-MAP"])))).content())
         segment_body = await within((await within(client.get(proxy.url(lines[-1])))).content())
@@ -292,7 +298,7 @@ class PlaylistTokenTests(TestCase):
         self.assertNotIn("token", playlist)
         self.assertNotIn("foo", playlist)
         for line in uri_lines(playlist):
-            self.assertRegex(line, r"^/ace/hls/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+\.ts$")
+            self.assertRegex(line, rf"^/ace/hls/{CID}/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+\.ts$")
 
     async def test_the_matched_token_is_copied_url_encoded(self) -> None:
         token = "a&b#c+d%e=f?g"

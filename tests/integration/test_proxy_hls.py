@@ -6,10 +6,15 @@ import json
 import os
 import shutil
 import tempfile
+from urllib.parse import urljoin
 
 from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from tests.integration.harness import (
     CID,
@@ -27,8 +32,9 @@ def hls_engine(test: TestCase):
     return sim_engine(test, bitrate=1_000_000, hls_segment_duration=0.5)
 
 
-def segment_lines(playlist: str) -> list[str]:
-    return [line for line in playlist.splitlines() if line and not line.startswith("#")]
+def segment_lines(playlist: str, where: str = "/ace/manifest.m3u8") -> list[str]:
+    """The segment links, resolved against the playlist's path ``where`` as a player does."""
+    return [urljoin(where, line) for line in playlist.splitlines() if line and not line.startswith("#")]
 
 
 class HlsTests(TestCase):
@@ -38,11 +44,11 @@ class HlsTests(TestCase):
         code, playlist = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
         self.assertEqual(code, 200, playlist)
         self.assertTrue(playlist.startswith("#EXTM3U"))
+        raw = [line for line in playlist.splitlines() if line and not line.startswith("#")]
+        self.assertTrue(raw)
+        for line in raw:  # relative, under the content's own path: no engine address leaks to players
+            self.assertRegex(line, rf"^hls/{CID}/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+\.ts$")
         segments = segment_lines(playlist)
-        self.assertTrue(segments)
-        for line in segments:
-            self.assertTrue(line.startswith("/ace/hls/"), line)  # no engine address leaks to players
-            self.assertNotIn("6878", line)
         client = http_client(self)
         response = await within(client.get(proxy.url(segments[-1])))
         self.assertEqual(response.code, 200)
@@ -73,8 +79,9 @@ class HlsTests(TestCase):
     async def test_unknown_segment_is_404(self) -> None:
         engine = hls_engine(self)
         proxy = await start_proxy(self, engine)
-        code, _ = await get_text(self, proxy.url("/ace/hls/nope/1.ts"))
-        self.assertEqual(code, 404)
+        for path in ("/ace/hls/nope/1.ts", f"/ace/hls/{CID}/nope/1.ts"):
+            code, _ = await get_text(self, proxy.url(path))
+            self.assertEqual(code, 404)
 
     async def test_ffmpeg_reads_the_live_stream_through_the_proxy(self) -> None:
         if shutil.which("ffmpeg") is None:
@@ -111,6 +118,38 @@ class HlsTests(TestCase):
         self.assertEqual(code, 200)
         self.assertTrue(playlist.startswith("#EXTM3U"))
         self.assertEqual(engine.getstream_calls, [])
+
+    async def test_segment_links_are_relative_to_the_playlist_path(self) -> None:
+        engine = hls_engine(self)
+        proxy = await start_proxy(self, engine, m3u8="true")
+        code, playlist = await get_text(self, proxy.url(f"/ace/getstream/?id={CID}"))  # one directory deeper
+        self.assertEqual(code, 200, playlist)
+        raw = [line for line in playlist.splitlines() if line and not line.startswith("#")]
+        self.assertTrue(all(line.startswith(f"../hls/{CID}/") for line in raw), raw)
+        code, _ = await get_text(self, proxy.url(segment_lines(playlist, "/ace/getstream/")[-1]))
+        self.assertEqual(code, 200)
+
+    async def test_ffmpeg_plays_hls_under_a_reverse_proxy_path_prefix(self) -> None:
+        """Twisted's own ReverseProxyResource serves the proxy under /tv/: the
+        playlist and its (relative) segment links work there unchanged."""
+        if shutil.which("ffmpeg") is None:
+            self.skipTest("ffmpeg is not installed")
+        engine = hls_engine(self)
+        proxy = await start_proxy(self, engine)
+        root = Resource()
+        root.putChild(b"tv", ReverseProxyResource("127.0.0.1", proxy.port, b""))
+        front = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(front.stopListening)
+        url = f"http://127.0.0.1:{front.getHost().port}/tv/ace/manifest.m3u8?id={CID}"
+        _, err, code = await within(
+            getProcessOutputAndValue(
+                "ffmpeg", ["-v", "error", "-i", url, "-t", "3", "-c", "copy", "-f", "null", "-"], env=os.environ
+            ),
+            60,
+        )
+        self.assertEqual(code, 0, err)
+        self.assertNotIn(b"Failed to open segment", err)
+        self.assertGreaterEqual(engine.segment_requests, 2)
 
     async def test_token_is_carried_into_segment_urls(self) -> None:
         engine = hls_engine(self)

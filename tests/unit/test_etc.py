@@ -487,7 +487,19 @@ def test_haproxy_config_streams_for_long_and_checks_healthz():
     assert "option httpchk GET /healthz" in lines
     assert "monitor-uri /healthz" in lines
     servers = [line for line in lines if line.startswith("server ")]
-    assert [s.split()[2] for s in servers] == ["127.0.0.1:8081", "127.0.0.1:8082"]
+    # the players' backend and the dashboard's: the same two instances
+    assert [s.split()[2] for s in servers] == ["127.0.0.1:8081", "127.0.0.1:8082"] * 2
+
+
+def test_haproxy_config_hashes_hls_segments_on_the_content_id_in_their_path():
+    lines = _haproxy_directives()
+    assert "http-request set-var(txn.content_key) path,field(4,/),lower if { path_beg /ace/hls/ }" in lines
+
+
+def test_haproxy_config_keeps_a_browser_on_one_dashboard():
+    lines = _haproxy_directives()
+    assert "use_backend dashboard if dashboard !content_request" in lines
+    assert any(line.startswith("cookie ACEXY_INSTANCE insert") for line in lines)
 
 
 @pytest.mark.skipif(not shutil.which("haproxy"), reason="haproxy not installed")
