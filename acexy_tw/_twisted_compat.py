@@ -12,18 +12,25 @@ private name taken away.
 Write-through to players: :func:`write_through`
     Uses ``FileDescriptor._tempDataLen``, ``dataBuffer``, ``offset`` and
     ``_writeDisconnected`` to see that a ``tcp.Server`` has nothing queued,
-    and its ``writeSomeData`` (the hook ``doWrite`` calls, not meant for
-    callers) to send at once. Twisted's ``write`` queues every write for the
-    next reactor round and turns write interest on and off around it: two
-    ``epoll_ctl`` calls, one more ``epoll_wait`` event and a dozen Python
-    frames per player per piece. Measured: fan-out 0.93–1.02 → 0.62–0.77 CPU
-    s/GB, relay 1.57 → 1.28 s/GB.
+    and its ``socket`` (what ``getHandle`` returns) to send at once: a piece
+    with ``send``, an HTTP chunk given as its parts (size line, pieces, CRLF)
+    with one ``sendmsg``, nothing joined. Twisted's ``write`` queues every
+    write for the next reactor round, turns write interest on and off around
+    it (two ``epoll_ctl`` calls, one more ``epoll_wait`` event and a dozen
+    Python frames per player per piece) and joins what is queued (a copy),
+    and its ``writeSomeData`` sends at most 128 KiB per call. Measured:
+    fan-out 0.93–1.02 → 0.62–0.77 CPU s/GB, relay 1.57 → 1.28 s/GB (the
+    first round, with ``writeSomeData``); the parts and coalescing: README
+    "Performance".
     Feature test (``HAS_WRITE_THROUGH``, on first use): ``HAS_WRITE_BUFFER``,
     and :func:`write_through` itself, run on real ``tcp.Server`` instances
-    over stand-in sockets, sends a piece straight to the socket when nothing
-    is queued, queues it behind what is, and queues what the socket did not
-    take.
-    Fallback: ``transport.write(data)``.
+    over stand-in sockets, sends a piece and a chunk's parts straight to the
+    socket when nothing is queued, queues both behind what is (and Twisted's
+    ``doWrite`` then sends them in order), and queues what the socket did not
+    take, of a piece or of parts.
+    Fallback: ``transport.write(data)`` / ``transport.writeSequence(parts)``.
+    :func:`writes_through` says whether a transport gets the fast path (the
+    players' send coalescing is for those).
 
 Twisted's unsent bytes: :func:`unsent_bytes`
     ``len(dataBuffer) - offset + _tempDataLen`` of a ``FileDescriptor``; no
@@ -73,6 +80,29 @@ Bounded response headers on engine connections: ``header_limit`` of :func:`quiet
     Fallback: no limit on the header count (lines stay bounded by Twisted's
     16 KiB), with a warning; also what a plain pool (no ``HAS_QUIET_POOL``) gets.
 
+Lean chunked decoding of engine bodies: ``lean_chunked`` of :func:`quiet_pool`, :func:`body_spans`
+    Twisted's ``_ChunkedTransferDecoder`` appends each read to a
+    ``bytearray``, copies every chunk out and deletes it from the front:
+    about three and a half copies of each byte of a 64 KiB-chunked body read
+    256 KiB at a time. The pool's protocol shadows the ``_transferDecoders``
+    table of the parser that ``HTTP11ClientProtocol.request`` stores as
+    ``_parser`` (private) on the instance, so a chunked response is decoded by
+    :class:`acexy_tw.streaming.chunked.ChunkedDecoder`, given Twisted's
+    ``_MalformedChunkedDataError`` and ``_DataLoss`` (private) so a bad or
+    cut body fails exactly as with Twisted's decoder. It delivers one
+    ``bytes`` per read (zero or one copy); :func:`body_spans` lets the engine
+    connection take each read's data as ``memoryview`` spans of the read
+    instead (found through the decoder's ``dataCallback``, the response's
+    bound ``_bodyDataReceived``), so the TS aligner's join is the only copy.
+    Feature test (``HAS_LEAN_CHUNKED``, when read or on the first
+    :func:`quiet_pool`): over a stand-in transport, a chunked body cut at
+    awkward places (part of it before ``deliverBody``, a CR and its LF in two
+    reads, an extension, a trailer) arrives whole and ends in
+    ``ResponseDone``; :func:`body_spans` takes over after ``deliverBody``; a
+    body cut short ends in ``ResponseFailed``.
+    Fallback: Twisted's decoder (with a warning); :func:`body_spans` then
+    answers False and the body arrives through ``dataReceived`` as before.
+
 pyOpenSSL left unloaded: :func:`leave_tls_unloaded`
     ``sys.modules["OpenSSL"] = None`` before Twisted's TCP module is imported,
     so that Twisted takes pyOpenSSL as not installed and builds its transports
@@ -99,7 +129,7 @@ before :func:`leave_tls_unloaded`, and both ``twisted.internet.tcp`` and
 ``twisted.web.client`` load pyOpenSSL. So only the ``FileDescriptor`` test
 runs at import; the others run when first needed (by then those modules are
 loaded anyway), and ``HAS_WRITE_THROUGH``, ``HAS_QUIET_POOL`` and
-``HAS_READ_SIZE`` are computed when read (module ``__getattr__``).
+``HAS_READ_SIZE`` (and the others) are computed when read (module ``__getattr__``).
 """
 
 from __future__ import annotations
@@ -107,6 +137,7 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.abstract import FileDescriptor
@@ -121,6 +152,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HAS_HEADER_LIMIT",
+    "HAS_LEAN_CHUNKED",
     "HAS_LOG_FILES",
     "HAS_QUIET_POOL",
     "HAS_READ_SIZE",
@@ -129,11 +161,13 @@ __all__ = [
     "POOL_SETTINGS",
     "ResponseHeadersTooLarge",
     "TLS_LOADING_MODULES",
+    "body_spans",
     "leave_tls_unloaded",
     "log_files",
     "quiet_pool",
     "unsent_bytes",
     "write_through",
+    "writes_through",
 ]
 
 log = get_logger(__name__)
@@ -177,6 +211,9 @@ class _StandInSocket:
         taken = bytes(data[: self._send_limit])
         self.sent.append(taken)
         return len(taken)
+
+    def sendmsg(self, buffers: Any) -> int:
+        return self.send(b"".join(buffers))
 
     def recv(self, size: int) -> bytes:
         self.recv_sizes.append(size)
@@ -303,22 +340,31 @@ class _NoFastPath:
 _fast_path_type: Optional[type] = None
 
 
-def write_through(transport: Any, data: bytes) -> None:
+def write_through(transport: Any, data: Any) -> None:
     """
     ``transport.write(data)``, but sent at once when nothing is queued.
 
+    ``data`` is ``bytes``, or a tuple or list of buffers (``bytes``,
+    ``memoryview``) that are one write (``transport.writeSequence``): an HTTP
+    chunk as its size line, the pieces and the CRLF, sent by one
+    ``sendmsg`` without being joined first.
+
     Twisted's TCP transport always queues a write and sends it on the next
     reactor round, turning write interest on and then off again around every
-    write. A player that keeps up has an empty queue nearly always, so this sends
-    straight away with the transport's own ``writeSomeData`` and queues only
-    what the socket did not take. Anything but a plain ``tcp.Server`` with an
-    empty queue (TLS, a transport closing, a queue not yet drained, a Twisted
-    that failed the feature test) takes the ordinary ``write``, so order and
-    flow control are Twisted's own.
+    write (and joining what is queued: a copy). A player that keeps up has an
+    empty queue nearly always, so this sends straight away on the
+    transport's socket and queues only what the socket did not take.
+    Anything but a plain ``tcp.Server``
+    with an empty queue (TLS, a transport closing, a queue not yet drained, a
+    Twisted that failed the feature test) takes the ordinary ``write`` /
+    ``writeSequence``, and so does a send that fails (Twisted's own next
+    write then meets the error and closes the connection as usual), so order
+    and flow control are Twisted's own.
     """
     fast = _fast_path_type
     if fast is None:
         fast = _write_through_type()
+    parts = data if type(data) is tuple or type(data) is list else None
     if (
         type(transport) is fast
         and not getattr(transport, "TLS", False)
@@ -328,12 +374,46 @@ def write_through(transport: Any, data: bytes) -> None:
         and getattr(transport, "_tempDataLen", None) == 0
         and transport.offset == len(transport.dataBuffer)
     ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:
-            if sent == len(data):
-                return
-            data = data[sent:]
-    transport.write(data)
+        try:
+            sent = transport.socket.send(data) if parts is None else transport.socket.sendmsg(parts)
+        except OSError:  # EAGAIN/ENOBUFS: nothing sent; anything else: Twisted's write will see it
+            sent = 0
+        if sent > 0:
+            if parts is None:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            else:
+                data = _unsent_part(parts, sent)
+                if not data:
+                    return
+                parts = None
+    if parts is None:
+        transport.write(data)
+    else:  # Twisted's transports take bytes only
+        transport.writeSequence([bytes(p) if type(p) is not bytes else p for p in parts])
+
+
+def writes_through(transport: Any) -> bool:
+    """Whether :func:`write_through` can send on ``transport``'s socket itself:
+    a plain ``tcp.Server`` (no TLS), on a Twisted that passed the feature test."""
+    fast = _fast_path_type
+    if fast is None:
+        fast = _write_through_type()
+    return type(transport) is fast and not getattr(transport, "TLS", False)
+
+
+def _unsent_part(parts: Any, sent: int) -> bytes:
+    """What of ``parts`` is left after the first ``sent`` bytes went out, as one ``bytes``."""
+    rest = []
+    for part in parts:
+        size = len(part)
+        if sent >= size:
+            sent -= size
+            continue
+        rest.append(memoryview(part)[sent:] if sent else part)
+        sent = 0
+    return b"".join(rest)
 
 
 def _write_through_type() -> type:
@@ -366,16 +446,27 @@ def _probe_write_through() -> type:
         _fast_path_type = tcp.Server  # tentatively, for the calls below
         idle, sock, reactor = server(send_limit=1 << 30)
         write_through(idle, b"piece")
-        if sock.sent != [b"piece"] or _unsent(idle) != 0 or reactor.writers:
+        write_through(idle, (b"5\r\n", memoryview(b"xpiece")[1:], b"\r\n"))
+        if sock.sent != [b"piece", b"5\r\npiece\r\n"] or _unsent(idle) != 0 or reactor.writers:
             return _NoFastPath
         busy, sock, reactor = server(send_limit=1 << 30)
         busy.write(b"queued")
         write_through(busy, b"piece")
-        if sock.sent or _unsent(busy) != len(b"queuedpiece"):
+        write_through(busy, [b"se", b"quence"])
+        if sock.sent or _unsent(busy) != len(b"queuedpiecesequence"):
+            return _NoFastPath
+        busy.doWrite()
+        if sock.sent != [b"queuedpiecesequence"] or _unsent(busy) != 0:
             return _NoFastPath
         short, sock, reactor = server(send_limit=2)
         write_through(short, b"piece")
         if sock.sent != [b"pi"] or _unsent(short) != len(b"ece") or not reactor.writers:
+            return _NoFastPath
+        parts, sock, reactor = server(send_limit=3)
+        write_through(parts, (b"ab", b"cd", b"ef"))
+        parts.socket._send_limit = 1 << 30
+        parts.doWrite()
+        if sock.sent != [b"abc", b"def"] or _unsent(parts) != 0:
             return _NoFastPath
         return tcp.Server
     except Exception:
@@ -400,10 +491,12 @@ def _quiet_factory_type() -> type:
             quiescentCallback: Callable[[Any], None],
             read_size: Optional[int],
             header_limit: Optional[tuple[int, int]] = None,
+            lean_chunked: bool = False,
         ) -> None:
             super().__init__(quiescentCallback)
             self._acexy_read_size = read_size
             self._acexy_header_limit = header_limit
+            self._acexy_lean_chunked = lean_chunked
 
         def connectionMade(self) -> None:
             super().connectionMade()
@@ -416,6 +509,8 @@ def _quiet_factory_type() -> type:
             parser = getattr(self, "_parser", None)
             if self._acexy_header_limit is not None and parser is not None:
                 _limit_header_lines(parser, *self._acexy_header_limit)
+            if self._acexy_lean_chunked and parser is not None:
+                _use_lean_chunked(parser)
             return d
 
     class QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
@@ -428,13 +523,17 @@ def _quiet_factory_type() -> type:
             metadata: Any,
             read_size: Optional[int] = None,
             header_limit: Optional[tuple[int, int]] = None,
+            lean_chunked: bool = False,
         ) -> None:
             super().__init__(quiescentCallback, metadata)
             self._acexy_read_size = read_size
             self._acexy_header_limit = header_limit
+            self._acexy_lean_chunked = lean_chunked
 
         def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-            return ClientProtocol(self._quiescentCallback, self._acexy_read_size, self._acexy_header_limit)
+            return ClientProtocol(
+                self._quiescentCallback, self._acexy_read_size, self._acexy_header_limit, self._acexy_lean_chunked
+            )
 
     QuietClientFactory.protocol_type = ClientProtocol  # for the feature test
 
@@ -538,12 +637,140 @@ def _probe_header_limit() -> bool:
         return False
 
 
+# --- lean chunked decoding of engine bodies ---------------------------------------
+
+#: id(response) -> its lean decoder, while the decoder lives. The decoder holds
+#: its response (``dataCallback`` is the response's bound method), so an id
+#: found here is that of a live response: no reuse, and no entry that keeps a
+#: response alive.
+_lean_decoders: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+
+
+def _lean_chunked_decoder(dataCallback: Callable[[bytes], Any], finishCallback: Callable[[bytes], Any]) -> Any:
+    """What the parser builds for a chunked body instead of Twisted's
+    ``_ChunkedTransferDecoder``: :class:`acexy_tw.streaming.chunked.ChunkedDecoder`
+    with Twisted's own exceptions, so the parser reports a malformed or cut
+    body exactly as it does with its own decoder."""
+    from twisted.web import http
+
+    from acexy_tw.streaming.chunked import ChunkedDecoder
+
+    decoder = ChunkedDecoder(
+        dataCallback,
+        finishCallback,
+        malformed=http._MalformedChunkedDataError,
+        data_loss=http._DataLoss,
+        max_line=http.maxChunkSizeLineLength,
+    )
+    owner = getattr(dataCallback, "__self__", None)
+    if owner is not None:
+        _lean_decoders[id(owner)] = decoder
+    return decoder
+
+
+def _use_lean_chunked(parser: Any) -> None:
+    """Have ``parser`` (an ``HTTPClientParser``) decode a chunked body with
+    :func:`_lean_chunked_decoder`: its ``_transferDecoders`` table, shadowed
+    on the instance."""
+    decoders = getattr(parser, "_transferDecoders", None)
+    if isinstance(decoders, dict) and b"chunked" in decoders:
+        parser._transferDecoders = {**decoders, b"chunked": _lean_chunked_decoder}
+
+
+def body_spans(response: Any, callback: Callable[[list[Any]], Any]) -> bool:
+    """
+    Have the rest of ``response``'s chunked body handed to ``callback``, one
+    call per read, as a list of buffers (``memoryview`` slices of the read,
+    or the read itself) instead of one ``bytes`` per read to the body
+    protocol's ``dataReceived``. ``response`` is Twisted's or a wrapper of it
+    (treq's, a ``proxyForInterface``: the wrapped one is its ``original``).
+    Call it right after ``deliverBody`` (which
+    delivers what arrived before in the ordinary way); the body protocol
+    still gets ``connectionLost`` at the end, after the last span. False (and
+    nothing changes) when the body is not being decoded by the lean decoder:
+    not chunked, not from a :func:`quiet_pool` connection, no
+    ``HAS_LEAN_CHUNKED``, or already over.
+    """
+    decoder = None
+    for _ in range(4):  # treq's response is a proxyForInterface: its ``original`` is Twisted's
+        decoder = _lean_decoders.get(id(response))
+        if decoder is not None or getattr(response, "original", None) is None:
+            break
+        response = response.original
+    if decoder is None or decoder.state == decoder.FINISHED:
+        return False
+    if getattr(decoder.dataCallback, "__self__", None) is not response:
+        return False
+    decoder.deliver_spans(callback)
+    return True
+
+
+def _probe_lean_chunked() -> bool:
+    """Whether the pool's protocol decodes a chunked body with the lean
+    decoder as Twisted's would: the body (cut at awkward places, the part
+    before ``deliverBody`` buffered) arrives whole and ends in
+    ``ResponseDone``; :func:`body_spans` takes over after ``deliverBody``;
+    a body cut short ends in ``ResponseFailed``."""
+    try:
+        from twisted.internet.error import ConnectionDone
+        from twisted.web._newclient import Request
+        from twisted.web.client import ResponseDone, ResponseFailed
+        from twisted.web.http_headers import Headers
+
+        from acexy_tw.streaming.chunked import ChunkedDecoder
+
+        protocol_type = _quiet_factory_type().protocol_type
+
+        class Body(Protocol):
+            def __init__(self) -> None:
+                self.data: list[bytes] = []
+                self.reason: Any = None
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data.append(bytes(data))
+
+            def connectionLost(self, reason: Any = None) -> None:
+                self.reason = reason
+
+        def respond(first: bytes, spans: bool) -> tuple[Any, Body, list[bytes], Any]:
+            protocol = protocol_type(lambda p: None, None, None, True)
+            protocol.makeConnection(_StandInTransport())
+            got: list[Any] = []
+            protocol.request(Request(b"GET", b"/", Headers({b"host": [b"probe"]}), None)).addBoth(got.append)
+            protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + first)
+            body, spanned = Body(), []
+            if len(got) != 1 or getattr(got[0], "code", None) != 200:
+                raise AssertionError("no response")
+            got[0].deliverBody(body)
+            if spans and not body_spans(got[0], lambda parts: spanned.append(b"".join(parts))):
+                raise AssertionError("body_spans refused")
+            if not isinstance(_lean_decoders.get(id(got[0])), ChunkedDecoder):
+                raise AssertionError("not the lean decoder")
+            return protocol, body, spanned, got[0]
+
+        protocol, body, _, _ = respond(b"3\r\nabc\r", spans=False)
+        protocol.dataReceived(b"\n4;x=1\r\nde")
+        protocol.dataReceived(b"fg\r\n0\r\nT: 1\r\n\r\n")
+        if b"".join(body.data) != b"abcdefg" or body.reason is None or not body.reason.check(ResponseDone):
+            return False
+        protocol, body, spanned, _ = respond(b"3\r\nabc\r\n", spans=True)
+        protocol.dataReceived(b"2\r\nde\r\n2\r\nfg\r\n0\r\n\r\n")
+        if body.data != [b"abc"] or spanned != [b"defg"] or not body.reason.check(ResponseDone):
+            return False
+        protocol, body, _, _ = respond(b"10\r\nabc", spans=False)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        return body.reason is not None and bool(body.reason.check(ResponseFailed))
+    except Exception:
+        return False
+
+
 def quiet_pool(
     reactor: Any,
     *,
     read_size: int,
     persistent: bool = True,
     header_limit: Optional[tuple[int, int]] = None,
+    lean_chunked: bool = True,
     **pool_settings: Any,
 ) -> HTTPConnectionPool:
     """
@@ -575,8 +802,14 @@ def quiet_pool(
     if header_limit is not None and not _probe_header_limit():
         _warn_fallback("HTTP11ClientProtocol's response parser", "engine response headers are not counted")
         header_limit = None
+    if lean_chunked and not _probe_lean_chunked():
+        _warn_fallback("HTTPClientParser's transfer decoders", "chunked engine bodies use Twisted's decoder")
+        lean_chunked = False
     pool._factory = functools.partial(
-        _quiet_factory_type(), read_size=read_size if sized else None, header_limit=header_limit
+        _quiet_factory_type(),
+        read_size=read_size if sized else None,
+        header_limit=header_limit,
+        lean_chunked=lean_chunked,
     )
     return pool
 
@@ -685,6 +918,7 @@ _FLAGS_ON_READ: dict[str, Callable[[], bool]] = {
     "HAS_QUIET_POOL": _probe_quiet_pool,
     "HAS_READ_SIZE": _probe_read_size,
     "HAS_HEADER_LIMIT": _probe_header_limit,
+    "HAS_LEAN_CHUNKED": _probe_lean_chunked,
     "HAS_LOG_FILES": _probe_log_files,
 }
 

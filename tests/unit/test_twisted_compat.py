@@ -62,6 +62,7 @@ def test_every_private_path_is_taken_on_the_installed_twisted() -> None:
     assert compat.HAS_WRITE_THROUGH
     assert compat.HAS_QUIET_POOL
     assert compat.HAS_READ_SIZE
+    assert compat.HAS_LEAN_CHUNKED
 
 
 def test_an_unknown_attribute_is_an_attribute_error() -> None:
@@ -237,6 +238,77 @@ def test_write_through_falls_back_to_write_without_writeDisconnected(monkeypatch
     assert transport.value() == b"piece"
 
 
+
+
+def test_write_through_sends_a_chunks_parts_with_one_sendmsg() -> None:
+    transport, sock, reactor = server()
+    sent: list[list[bytes]] = []
+    sock.sendmsg = lambda buffers: sent.append([bytes(b) for b in buffers]) or sum(len(b) for b in buffers)  # type: ignore[method-assign]
+    piece = b"x" * 300
+    compat.write_through(transport, (b"12c\r\n", memoryview(piece), b"\r\n"))
+    assert sent == [[b"12c\r\n", piece, b"\r\n"]]  # as given: nothing joined first
+    assert reactor.writers == []
+    assert compat.unsent_bytes(transport) == 0
+
+
+def test_write_through_queues_the_parts_the_socket_did_not_take() -> None:
+    transport, sock, reactor = server(limit=4)
+    compat.write_through(transport, [b"ab", b"cdef", b"gh"])
+    assert sock.sent == [b"abcd"]
+    assert compat.unsent_bytes(transport) == 4
+    sock._send_limit = 1 << 30
+    transport.doWrite()
+    assert sock.sent == [b"abcd", b"efgh"]
+
+
+def test_write_through_queues_parts_behind_what_is_queued_in_order() -> None:
+    transport, sock, _ = server()
+    transport.write(b"first")
+    compat.write_through(transport, (b"se", memoryview(b"cond")))
+    compat.write_through(transport, b"third")
+    assert sock.sent == []
+    transport.doWrite()
+    assert sock.sent == [b"firstsecondthird"]
+
+
+def test_write_through_leaves_a_failed_send_to_twisted() -> None:
+    transport, sock, reactor = server()
+
+    def broken(data: Any) -> int:
+        raise ConnectionResetError(104, "reset")
+
+    sock.send = broken  # type: ignore[method-assign]
+    sock.sendmsg = broken  # type: ignore[method-assign]
+    compat.write_through(transport, b"piece")
+    compat.write_through(transport, (b"a", b"b"))
+    assert compat.unsent_bytes(transport) == 7  # queued: Twisted's doWrite meets the error and closes
+    assert transport in reactor.writers
+
+
+def test_writes_through_only_a_plain_tcp_server() -> None:
+    transport, _, _ = server()
+    assert compat.writes_through(transport)
+    transport.TLS = True
+    assert not compat.writes_through(transport)
+    assert not compat.writes_through(StringTransport())
+    assert not compat.writes_through(None)
+
+
+def test_write_through_falls_back_without_the_transports_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_init = tcp.Server.__init__
+
+    def init(self: Any, *args: Any, **kw: Any) -> None:
+        real_init(self, *args, **kw)
+        self._sock, self.socket = self.socket, None  # a Twisted keeping it elsewhere
+
+    monkeypatch.setattr(tcp.Server, "__init__", init)
+    monkeypatch.setattr(compat, "_fast_path_type", None)
+    assert compat.HAS_WRITE_THROUGH is False
+    transport = StringTransport()
+    compat.write_through(transport, (b"a", b"b"))
+    assert transport.value() == b"ab"
+
+
 # --- quiet_pool -----------------------------------------------------------------
 
 
@@ -356,6 +428,129 @@ def test_quiet_pool_leaves_bufferSize_alone_when_recv_does_not_read_it(monkeypat
     assert body == b"ok"
     assert endpoint.factory.noisy is False  # still quiet
     assert "bufferSize" not in vars(endpoint.transports[0])
+
+
+
+
+# --- lean chunked decoding -----------------------------------------------------------
+
+
+class Spy(Protocol):
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.reason: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(bytes(data))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
+
+
+def chunked_response(pool: HTTPConnectionPool, first: bytes = b"") -> tuple[Any, Any]:
+    """A GET over a pooled connection answered with a chunked body's headers (and ``first``)."""
+    endpoint = Endpoint()
+    protocols: list[Any] = []
+    pool.getConnection(("http", b"engine", 6878), endpoint).addCallback(protocols.append)
+    (protocol,) = protocols
+    responses: list[Any] = []
+    request = Request(b"GET", b"/", Headers({b"host": [b"engine"]}), None, persistent=True)
+    protocol.request(request).addCallback(responses.append)
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + first)
+    (response,) = responses
+    return protocol, response
+
+
+def test_chunked_engine_bodies_are_decoded_by_the_lean_decoder() -> None:
+    from acexy_tw.streaming.chunked import ChunkedDecoder
+
+    pool = compat.quiet_pool(Clock(), read_size=256 * 1024, **SETTINGS)
+    protocol, response = chunked_response(pool, b"5\r\nhel")
+    assert isinstance(protocol._parser.bodyDecoder, ChunkedDecoder)
+    body = Spy()
+    response.deliverBody(body)
+    protocol.dataReceived(b"lo\r\n6\r\n world\r\n0\r\n\r\n")
+    assert b"".join(body.data) == b"hello world"
+    assert body.reason.check(client.ResponseDone)
+
+
+def test_body_spans_hands_over_each_read_as_views_of_it() -> None:
+    import treq.response
+
+    pool = compat.quiet_pool(Clock(), read_size=256 * 1024, **SETTINGS)
+    protocol, response = chunked_response(pool, b"3\r\nabc\r\n")
+    wrapped = treq.response._Response(response, None)  # what treq hands out
+    body, spans = Spy(), []
+    wrapped.deliverBody(body)
+    assert compat.body_spans(wrapped, spans.append)
+    read = b"2\r\nde\r\n3\r\nfgh\r\n"
+    protocol.dataReceived(read)
+    protocol.dataReceived(b"0\r\n\r\n")
+    assert body.data == [b"abc"]  # what came before deliverBody, as before
+    assert [[bytes(v) for v in run] for run in spans] == [[b"de", b"fgh"]]
+    assert all(type(v) is memoryview and v.obj is read for v in spans[0])
+    assert body.reason.check(client.ResponseDone)  # the end still reaches the body protocol
+    assert not compat.body_spans(wrapped, spans.append)  # over
+
+
+def test_a_cut_chunked_body_fails_as_with_twisteds_decoder() -> None:
+    pool = compat.quiet_pool(Clock(), read_size=256 * 1024, **SETTINGS)
+    protocol, response = chunked_response(pool, b"10\r\nabc")
+    body = Spy()
+    response.deliverBody(body)
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    protocol.connectionLost(Failure(ConnectionLost()))
+    assert body.data == [b"abc"]
+    assert body.reason.check(client.ResponseFailed)
+
+
+def test_a_malformed_chunked_body_fails_the_response() -> None:
+    pool = compat.quiet_pool(Clock(), read_size=256 * 1024, **SETTINGS)
+    protocol, response = chunked_response(pool)
+    body = Spy()
+    response.deliverBody(body)
+    protocol.dataReceived(b"zz\r\n")
+    assert body.reason is not None and body.reason.check(client.ResponseFailed)
+
+
+def test_body_spans_is_false_for_a_body_not_lean_decoded() -> None:
+    pool = HTTPConnectionPool(Clock())  # Twisted's own protocol
+    protocol, response = chunked_response(pool, b"1\r\na\r\n")
+    response.deliverBody(Spy())
+    assert not compat.body_spans(response, lambda spans: None)
+    assert not compat.body_spans(object(), lambda spans: None)
+
+
+def test_lean_chunked_falls_back_to_twisteds_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Twisted whose parser keeps its decoders elsewhere: the table is not shadowed.
+    from twisted.web import _newclient
+    from twisted.web.http import _ChunkedTransferDecoder
+
+    monkeypatch.delattr(_newclient.HTTPClientParser, "_transferDecoders")
+    monkeypatch.setattr(
+        _newclient.HTTPClientParser, "_decoders", {b"chunked": _ChunkedTransferDecoder}, raising=False
+    )
+    assert compat.HAS_LEAN_CHUNKED is False
+
+
+def test_lean_chunked_falls_back_without_twisteds_data_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.web import http
+    from twisted.web.http import _ChunkedTransferDecoder
+
+    # (twisted.web.http is a deprecation proxy: its __dict__ is the module's)
+    monkeypatch.delitem(http.__dict__, "_DataLoss")
+    assert compat.HAS_LEAN_CHUNKED is False
+    pool = compat.quiet_pool(Clock(), read_size=256 * 1024, **SETTINGS)
+    monkeypatch.undo()
+    protocol, response = chunked_response(pool, b"1\r\na")
+    assert type(protocol._parser.bodyDecoder) is _ChunkedTransferDecoder
+    body = Spy()
+    response.deliverBody(body)
+    assert not compat.body_spans(response, lambda spans: None)
+    protocol.dataReceived(b"\r\n0\r\n\r\n")
+    assert body.data == [b"a"] and body.reason.check(client.ResponseDone)
 
 
 # --- leave_tls_unloaded (each in a fresh interpreter: this one has loaded both) ----
