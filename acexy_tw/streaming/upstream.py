@@ -12,7 +12,7 @@ still delivered), ``engine_error`` (the connection broke) or ``empty_timeout``.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol as TypingProtocol
+from typing import Any, List, Optional, Protocol as TypingProtocol, Sequence, Union
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -20,10 +20,167 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from acexy_tw._twisted_compat import body_spans
 from acexy_tw.engine import EngineError, EngineTimeout
-from acexy_tw.streaming.mpegts import PacketAligner
+from acexy_tw.logs import get_logger
+from acexy_tw.streaming.mpegts import PACKET_SIZE, SYNC_BYTE
 
-__all__ = ["EngineConnection", "UpstreamListener"]
+__all__ = ["EngineConnection", "SpanAligner", "UpstreamListener", "keep_heap_for_reads"]
+
+log = get_logger(__name__)
+
+Buffer = Union[bytes, memoryview]
+
+#: glibc's mallopt() parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: what :func:`keep_heap_for_reads` sets: buffers below this come from the heap ...
+MMAP_THRESHOLD = 1 << 20
+#: ... and this much freed memory at the top of the heap is kept for the next reads
+TRIM_THRESHOLD = 8 << 20
+
+_heap_kept: Optional[bool] = None
+
+
+def keep_heap_for_reads() -> bool:
+    """
+    Keep glibc's allocator from handing the pages of each engine read back to
+    the system, only to take fresh ones for the next (once per process; True
+    if done).
+
+    Every engine read is a new buffer of up to 256 KiB (Twisted's ``recv``),
+    and its whole packets another (the aligner's join): a few such buffers
+    live at once and are freed a moment later. With glibc's defaults (buffers
+    from 128 KiB up get pages of their own from ``mmap``, and freed memory at the top of the heap
+    past 128 KiB, adjusted upwards as it goes, is given back at once), the
+    pages came and went with every read: 360,000 page faults per GB relayed,
+    the zeroing of a fresh page for every byte, and half the proxy's CPU
+    (bench/relay.py; Twisted's own relay, reading 64 KiB, has none). With
+    buffers below :data:`MMAP_THRESHOLD` from the heap and up to
+    :data:`TRIM_THRESHOLD` of free heap kept, they are reused: ~25,000 faults
+    per GB. Memory given back when the load is gone is the job of an explicit
+    ``malloc_trim`` (:mod:`acexy_tw.streaming.budget`), which these settings do
+    not limit. Elsewhere than glibc (musl, macOS) nothing is done.
+    """
+    global _heap_kept
+    if _heap_kept is None:
+        _heap_kept = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.gnu_get_libc_version  # glibc only
+            mallopt = libc.mallopt
+            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            mallopt.restype = ctypes.c_int
+            _heap_kept = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+                mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+            )
+        except (OSError, AttributeError):
+            pass
+        if _heap_kept:
+            log.debug("glibc malloc: mmap threshold {m} B, trim threshold {t} B", m=MMAP_THRESHOLD, t=TRIM_THRESHOLD)
+    return _heap_kept
+
+
+class SpanAligner:
+    """
+    Cuts a byte stream, given as runs of buffers, into whole 188-byte packets
+    with at most one copy of each byte.
+
+    What :class:`acexy_tw.streaming.mpegts.PacketAligner` does (find the first
+    sync byte that another one follows a packet later, then trust the
+    framing), but fed the pieces of one read at once (``bytes`` or
+    ``memoryview`` slices, e.g. the spans of
+    :class:`acexy_tw.streaming.chunked.ChunkedDecoder`): the whole packets are
+    one join of the held-back tail and the pieces up to the last packet
+    boundary, and a read that is exactly whole packets (nothing held back,
+    one ``bytes``) is passed on as it is. Only the partial packet at the end
+    (< 188 bytes) is kept, as ``bytes``.
+    """
+
+    __slots__ = ("_tail", "_synced", "dropped")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._synced = False
+        #: bytes thrown away while looking for the first sync byte
+        self.dropped = 0
+
+    def feed(self, data: Buffer) -> bytes:
+        """The whole packets now available (possibly ``b""``)."""
+        return self.push((data,))
+
+    def push(self, spans: Sequence[Buffer]) -> bytes:
+        """The whole packets now available from the tail and ``spans``, as one ``bytes``."""
+        tail = self._tail
+        if not self._synced:
+            only = spans[0] if not tail and len(spans) == 1 else None
+            found = self._find_sync(only if type(only) is bytes else b"".join((tail, *spans)))
+            if not self._synced:
+                return b""
+            parts: List[Buffer] = [found]
+        elif tail:
+            parts = [tail, *spans]
+        else:
+            parts = list(spans)
+        total = 0
+        for part in parts:
+            total += len(part)
+        keep = total % PACKET_SIZE
+        if keep:
+            held: List[Buffer] = []
+            while keep:
+                last = parts.pop()
+                size = len(last)
+                if size <= keep:
+                    held.append(last)
+                    keep -= size
+                else:
+                    view = last if type(last) is memoryview else memoryview(last)
+                    held.append(view[size - keep :])
+                    parts.append(view[: size - keep])
+                    keep = 0
+            held.reverse()
+            self._tail = b"".join(held)
+        else:
+            self._tail = b""
+        if len(parts) == 1 and type(parts[0]) is bytes:
+            return parts[0]
+        return b"".join(parts)
+
+    def pending(self) -> int:
+        return len(self._tail)
+
+    def flush(self) -> bytes:
+        """Whatever is held back (a partial packet), e.g. at end of stream."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+    def _find_sync(self, data: bytes) -> bytes:
+        """``data`` from the first confirmed sync byte on (synced), or b""
+        with the unconfirmed rest kept as the tail."""
+        self._tail = b""
+        start = 0
+        while True:
+            i = data.find(SYNC_BYTE, start)
+            if i < 0:
+                self.dropped += len(data)
+                return b""
+            nxt = i + PACKET_SIZE
+            if nxt >= len(data):
+                # Not enough data to confirm with a second sync byte.
+                self.dropped += i
+                if len(data) - i >= PACKET_SIZE:  # exactly one packet: accept it
+                    self._synced = True
+                    return data[i:] if i else data
+                self._tail = data[i:]
+                return b""
+            if data[nxt] == SYNC_BYTE:
+                self._synced = True
+                self.dropped += i
+                return data[i:] if i else data
+            start = i + 1
 
 
 class UpstreamListener(TypingProtocol):
@@ -61,7 +218,8 @@ class EngineConnection:
         self._clock = clock
         self._empty_timeout = empty_timeout
         self._listener: Optional[UpstreamListener] = listener
-        self._aligner = PacketAligner()
+        self._aligner = SpanAligner()
+        keep_heap_for_reads()
         self._transport: Any = None
         self._want_paused = False
         self._empty_call: Optional[IDelayedCall] = None
@@ -82,6 +240,12 @@ class EngineConnection:
         """Begin reading. Body bytes already buffered are delivered now, synchronously."""
         self._arm(self._empty_timeout)
         self._response.deliverBody(_Body(self))
+        # A chunked body from the proxy's pool: each read's data as spans of
+        # the read itself, so the aligner's join is the only copy.
+        body_spans(self._response, self._spans)
+        if self._want_paused and self._transport is not None:
+            # deliverBody resumes the transport after connecting the protocol
+            self._transport.pauseProducing()
 
     def set_paused(self, paused: bool) -> None:
         """The flow policy's answer: hold the engine back, or let it send."""
@@ -118,14 +282,26 @@ class EngineConnection:
         if self._want_paused:
             transport.pauseProducing()
 
-    def _data(self, data: bytes) -> None:
+    def _data(self, data: Buffer) -> None:
+        """One read's data in one piece (the body protocol's ``dataReceived``, or one span)."""
+        self._take((data,))
+
+    def _spans(self, spans: Sequence[Buffer]) -> None:
+        """One read's data as spans of it (:func:`~acexy_tw._twisted_compat.body_spans`)."""
+        if len(spans) == 1:
+            self._data(spans[0])
+        else:
+            self._take(spans)
+
+    def _take(self, spans: Sequence[Buffer]) -> None:
         if self._listener is None:
             return
         self.last_data = self._clock.seconds()
         if self.first_byte_at is None:
             self.first_byte_at = self.last_data
-        self.bytes_in += len(data)
-        piece = self._aligner.feed(data)
+        for span in spans:
+            self.bytes_in += len(span)
+        piece = self._aligner.push(spans)
         if piece:
             self._listener.upstream_piece(piece)
 
