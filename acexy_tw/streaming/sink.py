@@ -23,6 +23,20 @@ A streaming player is written with :func:`acexy_tw._twisted_compat.write_through
 sent at once while its transport has nothing queued, Twisted's ``write``
 otherwise.
 
+Coalescing: a player on a TCP socket that keeps up gets its first piece at
+once and then the pieces that arrive within ``coalesce_delay`` (default
+:data:`COALESCE_DELAY`) of each other as one HTTP chunk in one ``sendmsg``
+(the chunk's size line, the pieces as they are, the CRLF: nothing joined),
+sent when they reach ``coalesce_bytes`` (:data:`COALESCE_BYTES`) or when the
+latency cap runs out, whichever comes first; a piece as large as the size
+bound goes at once. At 8 Mbit/s an engine piece is ~25 KB every 25 ms: one
+send per player per piece is most of the fan-out's CPU (README
+"Performance"). The latency cap is one timer for every sink on the clock
+(:class:`Coalescer`), not one per player. What a player cannot take
+(blocked) goes to the backlog as before, after anything held for coalescing.
+Players on other transports (TLS, the tests' ``StringTransport``) are written
+piece by piece unless asked (``coalesce=True``).
+
 Lifecycle, all transitions idempotent:
 
     waiting ──first bytes──> streaming ──session ends──> ended
@@ -38,12 +52,14 @@ when the player disconnects (its canceller detaches the sink).
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections import deque
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from acexy_tw._twisted_compat import write_through
+from acexy_tw._twisted_compat import writes_through, write_through
 from acexy_tw.logs import get_logger
 from acexy_tw.streaming.budget import BacklogBudget
 from zope.interface import implementer
@@ -61,9 +77,90 @@ class SinkOwner(TypingProtocol):
     def detach(self, sink: "ClientSink") -> None: ...
 
 
+def _env_delay() -> float:
+    # A bench toggle until the setting has its place in config.py:
+    # ACEXY_COALESCE_DELAY=0 turns coalescing off, seconds set the latency cap.
+    text = os.environ.get("ACEXY_COALESCE_DELAY", "").strip()
+    try:
+        return max(0.0, float(text)) if text else 0.05
+    except ValueError:
+        return 0.05
+
+
+#: a coalescing player's pieces are sent once they add up to this many bytes
+COALESCE_BYTES = 128 * 1024
+#: ... or this many seconds after the first of them was held, whichever is first
+COALESCE_DELAY = _env_delay()
+
+_CRLF = b"\r\n"
+
+
 def chunk(data: bytes) -> bytes:
     """``data`` as one HTTP/1.1 chunk (what Request.write sends, in one piece)."""
     return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def chunk_parts(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """``data`` as one HTTP/1.1 chunk, unjoined: (size line, data, CRLF), for
+    :func:`~acexy_tw._twisted_compat.write_through` to send with one
+    ``sendmsg`` and no copy (``ClientSink.deliver`` takes either form)."""
+    return (b"%x\r\n" % len(data), data, _CRLF)
+
+
+class Coalescer:
+    """
+    The latency cap of the coalescing sinks on one clock: one timer for all
+    of them. A sink that starts holding pieces is :meth:`due`; the timer,
+    armed by the first due sink, flushes every due sink when it fires, so no
+    piece is held longer than ``delay``. A sink that flushes itself earlier
+    (size bound), ends or blocks is taken off (:meth:`discard`); the timer is
+    cancelled when no sink is due.
+    """
+
+    def __init__(self, clock: IReactorTime, delay: float) -> None:
+        self.clock = clock
+        self.delay = delay
+        self._due: dict["ClientSink", None] = {}
+        self._call: Optional[IDelayedCall] = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    @property
+    def armed(self) -> bool:
+        return self._call is not None
+
+    def due(self, sink: "ClientSink") -> None:
+        self._due[sink] = None
+        if self._call is None:
+            self._call = self.clock.callLater(self.delay, self._fire)
+
+    def discard(self, sink: "ClientSink") -> None:
+        if self._due.pop(sink, 0) is None and not self._due and self._call is not None:
+            call, self._call = self._call, None
+            if call.active():
+                call.cancel()
+
+    def _fire(self) -> None:
+        self._call = None
+        due, self._due = self._due, {}
+        for sink in due:
+            sink.flush()
+
+
+_coalescers: "weakref.WeakKeyDictionary[Any, dict[float, Coalescer]]" = weakref.WeakKeyDictionary()
+
+
+def coalescer_for(clock: IReactorTime, delay: float) -> Coalescer:
+    """The one :class:`Coalescer` of ``clock`` for ``delay``."""
+    try:
+        by_delay = _coalescers.setdefault(clock, {})
+    except TypeError:  # a clock that takes no weak reference: its own coalescer
+        return Coalescer(clock, delay)
+    found = by_delay.get(delay)
+    if found is None:
+        found = by_delay[delay] = Coalescer(clock, delay)
+    return found
 
 
 @implementer(IPushProducer)
@@ -82,6 +179,10 @@ class ClientSink:
         on_cut: Optional[Callable[["ClientSink", str], None]] = None,
         on_first_byte: Optional[Callable[["ClientSink"], None]] = None,
         budget: Optional[BacklogBudget] = None,
+        coalesce: Optional[bool] = None,
+        coalesce_bytes: int = COALESCE_BYTES,
+        coalesce_delay: float = COALESCE_DELAY,
+        coalescer: Optional[Coalescer] = None,
     ) -> None:
         self.request = request
         self.session: Optional[SinkOwner] = None
@@ -106,6 +207,16 @@ class ClientSink:
         self._stuck_call: Optional[IDelayedCall] = None
         self._on_cut = on_cut
         self._budget = budget
+        if coalesce is None:  # where a send is a system call: a player on a TCP socket
+            transport = getattr(getattr(request, "channel", None), "transport", None)
+            coalesce = coalesce_delay > 0 and coalesce_bytes > 0 and writes_through(transport)
+        #: pieces held to be sent together (coalescing), oldest first
+        self._pending: list[bytes] = []
+        self.pending_bytes = 0
+        self._coalesce_bytes = coalesce_bytes if coalesce else 0
+        self._coalescer: Optional[Coalescer] = None
+        if coalesce:
+            self._coalescer = coalescer if coalescer is not None else coalescer_for(clock, coalesce_delay)
         self.done: Deferred[None] = Deferred(self._cancelled)
         request.registerProducer(self, True)
 
@@ -131,22 +242,67 @@ class ClientSink:
             return
         self.state = self.STREAMING
         if self.blocked or self._backlog:
-            n = len(data)
-            if self.backlog_bytes + n > self.max_backlog:
-                self.cut(f"backlog over {self.max_backlog} bytes")
-                return
-            self._backlog.append(data)
-            self.backlog_bytes += n
-            if self._budget is not None:
-                self._budget.add(self, n)  # may cut the players furthest behind: this one too
+            if self._pending:
+                self._hold_pending()
                 if self.state == self.ENDED:
                     return
-            if not self.paused and self.backlog_bytes >= self.high_water:
-                self._report_paused()
+            self._queue(data)
             return
-        self._write(data, framed)
+        bound = self._coalesce_bytes
+        if not bound or self.first_byte_at is None:
+            self._write(data, framed)
+            return
+        pending = self._pending
+        if not pending and len(data) >= bound:
+            self._write(data, framed)
+            return
+        pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= bound:
+            self.flush()
+        elif len(pending) == 1:
+            self._coalescer.due(self)  # type: ignore[union-attr]
 
-    def _write(self, data: bytes, framed: Optional[bytes] = None) -> None:
+    def flush(self) -> None:
+        """Send what is held for coalescing now (the latency cap, the size bound)."""
+        pending = self._pending
+        if not pending or self.state == self.ENDED:
+            return
+        if self._coalescer is not None:
+            self._coalescer.discard(self)
+        if self.blocked or self._backlog:
+            self._hold_pending()
+            return
+        self._pending = []
+        size, self.pending_bytes = self.pending_bytes, 0
+        self._write_group(pending, size)
+
+    def _queue(self, data: bytes) -> None:
+        n = len(data)
+        if self.backlog_bytes + n > self.max_backlog:
+            self.cut(f"backlog over {self.max_backlog} bytes")
+            return
+        self._backlog.append(data)
+        self.backlog_bytes += n
+        if self._budget is not None:
+            self._budget.add(self, n)  # may cut the players furthest behind: this one too
+            if self.state == self.ENDED:
+                return
+        if not self.paused and self.backlog_bytes >= self.high_water:
+            self._report_paused()
+
+    def _hold_pending(self) -> None:
+        """The player blocked while pieces were held: they go first into its backlog."""
+        pending, self._pending = self._pending, []
+        self.pending_bytes = 0
+        if self._coalescer is not None:
+            self._coalescer.discard(self)
+        for data in pending:
+            self._queue(data)
+            if self.state == self.ENDED:
+                return
+
+    def _write(self, data: bytes, framed: Any = None) -> None:
         self.bytes_sent += len(data)
         if self.first_byte_at is None:
             self.first_byte_at = self._clock.seconds()
@@ -159,6 +315,18 @@ class ClientSink:
             write_through(self.request.channel.transport, framed)
         else:
             self.request.write(data)
+
+    def _write_group(self, pieces: list[bytes], size: int) -> None:
+        """``pieces`` (``size`` bytes in all) as one write: one chunk, one sendmsg."""
+        if len(pieces) == 1 or self.first_byte_at is None:
+            for data in pieces:  # (a group is never the first write; kept correct anyway)
+                self._write(data)
+            return
+        self.bytes_sent += size
+        if self.request.chunked:
+            write_through(self.request.channel.transport, (b"%x\r\n" % size, *pieces, _CRLF))
+        else:
+            self.request.write(b"".join(pieces))
 
     # -- IPushProducer (driven by the player's transport) --------------------
 
@@ -178,8 +346,21 @@ class ClientSink:
         self.blocked = False
         self._cancel_stuck()
         taken = 0
-        while self._backlog and not self.blocked:  # write() can re-enter pauseProducing
-            data = self._backlog.popleft()
+        backlog = self._backlog
+        bound = self._coalesce_bytes
+        while backlog and not self.blocked:  # a write can re-enter pauseProducing
+            data = backlog.popleft()
+            if bound and backlog and len(data) < bound:
+                # coalescing: what is queued leaves in writes of up to the size bound
+                group, size = [data], len(data)
+                while backlog and size < bound:
+                    data = backlog.popleft()
+                    group.append(data)
+                    size += len(data)
+                self.backlog_bytes -= size
+                taken += size
+                self._write_group(group, size)
+                continue
             self.backlog_bytes -= len(data)
             taken += len(data)
             self._write(data)
@@ -220,7 +401,9 @@ class ClientSink:
         elif clean:
             if self._budget is not None:
                 self._budget.release(self)
-            backlog = b"".join(self._backlog)
+            backlog = b"".join([*self._pending, *self._backlog])  # (never both: pending goes first into the backlog)
+            self._pending = []
+            self.pending_bytes = 0
             self._backlog.clear()
             self.backlog_bytes = 0
             self._detach()
@@ -266,6 +449,10 @@ class ClientSink:
             self._budget.release(self)
         self._backlog.clear()
         self.backlog_bytes = 0
+        self._pending = []
+        self.pending_bytes = 0
+        if self._coalescer is not None:
+            self._coalescer.discard(self)
         session, self.session = self.session, None
         if session is not None:
             session.detach(self)
