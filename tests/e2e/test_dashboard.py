@@ -27,6 +27,7 @@ import struct
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urljoin
 
 import pytest
 import pytest_twisted
@@ -695,7 +696,7 @@ class HlsPoller:
             self.errors.append(response.code)
             return
         segment = [line for line in playlist.splitlines() if line and not line.startswith("#")][-1]
-        response = await within(self.client.get(self.proxy.url(segment)))
+        response = await within(self.client.get(urljoin(self.proxy.url(self.manifest), segment)))  # relative to the playlist
         body = await within(response.content())
         if response.code == 200 and body[:1] == b"\x47":
             self.segments += 1

@@ -54,11 +54,14 @@ class LiveStatsTests(TestCase):
 
         engine = sim_engine(self, bitrate=BITRATE, hls_segment_duration=0.5)
         proxy = await start_proxy(self, engine, stats_interval=f"{int(INTERVAL * 1000)}ms", linger="4s")
-        code, playlist = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
+        from urllib.parse import urljoin
+
+        manifest = proxy.url(f"/ace/manifest.m3u8?id={CID}")
+        code, playlist = await get_text(self, manifest)
         self.assertEqual(code, 200, playlist)
         [session] = list(proxy.service.hls)
         segment = [line for line in playlist.splitlines() if line and not line.startswith("#")][-1]
-        response = await within(http_client(self).get(proxy.url(segment)))
+        response = await within(http_client(self).get(urljoin(manifest, segment)))  # linked relative to the playlist
         body = await within(response.content())
         self.assertGreater(len(body), 188)
         await wait_until(lambda: session.stats.describe()["peers"] is not None, "the first HLS stats", seconds=TWO_INTERVALS)
