@@ -477,11 +477,13 @@ class Children:
         extra: Sequence[str] = ("--linger", "0"),
         timeout: float = 20.0,
         backlog: Optional[int] = None,
+        env: Optional[Dict[str, str]] = None,
     ) -> Tuple[subprocess.Popen, int]:
         """``twistd -n --pidfile= acexy`` on a free port; ready once it logs "serving on".
         Listens as a user's ``127.0.0.1:PORT`` does (the proxy's default queue of
         1024 connecting players), or, given ``backlog``, with that queue
-        (``tcp:PORT:interface=127.0.0.1:backlog=N``)."""
+        (``tcp:PORT:interface=127.0.0.1:backlog=N``). ``env``: variables added
+        to this process's environment for the proxy (e.g. a bench toggle)."""
         port = free_port()
         listen = f"tcp:{port}:interface=127.0.0.1:backlog={backlog}" if backlog else f"127.0.0.1:{port}"
         argv = [
@@ -490,7 +492,7 @@ class Children:
             "--engine-host", "127.0.0.1", "--engine-port", str(engine_port),
             *extra,
         ]  # fmt: skip
-        proc = self.spawn(name, argv)
+        proc = self.spawn(name, argv, env={**os.environ, **env} if env else None)
         marker = f"serving on 127.0.0.1:{port}"
         self.wait_until(name, proc, lambda: marker in self.log_tail(name, 50), timeout)
         return proc, port

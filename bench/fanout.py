@@ -81,10 +81,11 @@ def run_scenario(
     ramp: float,
     proxy_args: List[str],
     backlog: Optional[int] = None,
+    proxy_env: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
     """One measurement: K contents × M clients for ``seconds``; fresh engine and proxy."""
     engine, engine_port, stats_port = children.start_stats_engine(f"engine-{name}", ["--bitrate", bitrate])
-    proxy, proxy_port = children.start_proxy(f"proxy-{name}", engine_port, proxy_args, backlog=backlog)
+    proxy, proxy_port = children.start_proxy(f"proxy-{name}", engine_port, proxy_args, backlog=backlog, env=proxy_env)
     ids = content_ids(contents)
     n = contents * per_content
     # round-robin over the contents, so every process and every part of the
@@ -188,23 +189,29 @@ def run_scenario(
     return out
 
 
-def socat_reference(stamp: str, seconds: float = 8.0) -> Dict[str, Any]:
+def socat_reference(stamp: str, seconds: float = 5.0, runs: int = 3) -> Dict[str, Any]:
     """
-    socat relaying one flat-out playback (``bench/relay.py --paths socat``),
-    measured in this run, before the fan-out runs and never during them: the
-    CPU per GB the issue's fan-out target is a multiple of.
+    socat relaying one flat-out chunked playback (``bench/relay.py --paths
+    socat --bodies chunked --runs 3``), measured in this run, before the
+    fan-out runs and never during them: the CPU per GB the issue's fan-out
+    target is a multiple of (the median of ``runs``).
     """
     out = RESULTS / f"socat-reference-{stamp}.json"
     argv = [sys.executable, str(Path(__file__).with_name("relay.py")), "--skip", "ttfb", "--paths", "socat",
-            "--seconds", str(seconds), "--json", str(out)]  # fmt: skip
+            "--bodies", "chunked", "--runs", str(runs), "--seconds", str(seconds), "--json", str(out)]  # fmt: skip
     try:
-        subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-        row = json.loads(out.read_text())["throughput"]["socat"]
+        subprocess.run(argv, capture_output=True, text=True, timeout=60 + runs * (seconds + 15), check=False)
+        row = json.loads(out.read_text())["throughput"]["bodies"]["chunked"]["median"]["socat"]
     except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
-    if "error" in row:
-        return {"error": row["error"]}
-    return {"socat_cpu_s_per_gb": row["relay_cpu_s_per_gb"], "socat_mb_per_s": row["mb_per_s"], "json": str(out)}
+    if not row.get("n"):
+        return {"error": "; ".join(row.get("errors", ["no socat run"]))}
+    return {
+        "socat_cpu_s_per_gb": row["relay_cpu_s_per_gb"],
+        "socat_cpu_s_per_gb_runs": row.get("relay_cpu_s_per_gb_all"),
+        "socat_mb_per_s": row["mb_per_s"],
+        "json": str(out),
+    }
 
 
 def bottleneck(row: Dict[str, Any]) -> str:
@@ -295,11 +302,25 @@ def render(report: Dict[str, Any], title: str, label: str) -> str:
     lines += render_rows(report["runs"], label)
     ref = report.get("reference", {})
     if ref.get("socat_cpu_s_per_gb"):
-        ratios = ", ".join(
-            f"{row['label']}: ×{row['proxy_over_socat_relay']:.2f}" for row in report["runs"] if "proxy_over_socat_relay" in row
-        )
-        lines += ["", f"   socat relaying one flat-out stream, same run: {ref['socat_cpu_s_per_gb']:.3f} CPU s/GB; "
-                      f"proxy s/GB ÷ that: {ratios}"]  # fmt: skip
+        runs = ", ".join(f"{v:.3f}" for v in ref.get("socat_cpu_s_per_gb_runs") or [])
+        lines += ["", f"   socat relaying one flat-out stream, same run: {ref['socat_cpu_s_per_gb']:.3f} CPU s/GB "
+                      f"(median of {runs})"]  # fmt: skip
+    summary = report.get("summary", {})
+    if summary.get("labels"):
+        lines += ["", f"   {'median of runs':<14} {'proxy s/GB':>10} {'÷ socat':>8} {'proxy %':>8} {'TTFB med':>8} "
+                      f"{'TTFB p95':>8}  per run: ÷ socat; ≥90%"]  # fmt: skip
+        for label, row in summary["labels"].items():
+            per_run = " ".join("—" if v is None else f"{v:.2f}" for v in row["proxy_over_socat_relay_all"])
+            lines.append(
+                f"   {label:<14} {fmt(row['proxy_cpu_s_per_gb'], '.3f'):>10} {fmt(row['proxy_over_socat_relay'], '.2f'):>8} "
+                f"{fmt(row['proxy_cpu_pct']):>8} {fmt(row['ttfb_median_ms']):>8} {fmt(row['ttfb_p95_ms']):>8}  "
+                f"{per_run}; {' '.join(str(v) for v in row['clients_ge_90pct'])}"
+            )
+        for step, added in summary.get("added_ttfb_ms", {}).items():
+            lines.append(
+                f"   {step}: TTFB added by coalescing (median of on − off, per run): {added['median']:+.1f} ms "
+                f"({', '.join(f'{v:+.1f}' for v in added['runs'])})"
+            )
     lines.append("")
     for e in report.get("errors", []):
         lines.append(f"ERROR: {e}")
@@ -326,6 +347,42 @@ def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=int, default=0, metavar="SECONDS", help="abort after this long (default scales)")
 
 
+def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per label, the median over the runs of proxy s/GB, its ratio to the
+    socat relay and the TTFB median; per step measured with coalescing on and
+    off, the TTFB coalescing adds (on − off in each run, then the median)."""
+    out: Dict[str, Any] = {"labels": {}, "added_ttfb_ms": {}}
+    good = [r for r in rows if "error" not in r]
+    for label in dict.fromkeys(r["label"] for r in good):
+        mine = [r for r in good if r["label"] == label]
+
+        def med(values: List[Optional[float]]) -> Optional[float]:
+            values = [v for v in values if v is not None]
+            return round(statistics.median(values), 3) if values else None
+
+        out["labels"][label] = {
+            "runs": len(mine),
+            "proxy_cpu_s_per_gb": med([r["proxy_cpu_s_per_gb"] for r in mine]),
+            "proxy_cpu_s_per_gb_all": [r["proxy_cpu_s_per_gb"] for r in mine],
+            "proxy_over_socat_relay": med([r.get("proxy_over_socat_relay") for r in mine]),
+            "proxy_over_socat_relay_all": [r.get("proxy_over_socat_relay") for r in mine],
+            "ttfb_median_ms": med([r["ttfb_ms"]["median"] for r in mine]),
+            "ttfb_p95_ms": med([r["ttfb_ms"]["p95"] for r in mine]),
+            "clients_ge_90pct": [r["clients_ge_90pct"] for r in mine],
+            "proxy_cpu_pct": med([r["proxy_cpu_pct"] for r in mine]),
+        }
+    for step in dict.fromkeys(r["step"] for r in good):
+        added = []
+        for run in dict.fromkeys(r["run"] for r in good):
+            on = [r for r in good if r["step"] == step and r["run"] == run and r["coalescing"] == "on"]
+            off = [r for r in good if r["step"] == step and r["run"] == run and r["coalescing"] == "off"]
+            if on and off and on[0]["ttfb_ms"]["median"] is not None and off[0]["ttfb_ms"]["median"] is not None:
+                added.append(round(on[0]["ttfb_ms"]["median"] - off[0]["ttfb_ms"]["median"], 2))
+        if added:
+            out["added_ttfb_ms"][step] = {"median": round(statistics.median(added), 2), "runs": added}
+    return out
+
+
 def run_main(
     args: argparse.Namespace,
     *,
@@ -336,7 +393,8 @@ def run_main(
 ) -> int:
     iso, stamp = timestamp()
     per_run = args.seconds + 60
-    limit = args.time_limit or int(30 + len(plan) * per_run + (0 if args.no_reference else 120))
+    repeats = getattr(args, "runs", 1) * (2 if getattr(args, "coalescing", "on") == "both" else 1)
+    limit = args.time_limit or int(30 + repeats * len(plan) * per_run + (0 if args.no_reference else 150))
     install_limits(limit)
     report: Dict[str, Any] = {
         "timestamp": iso,
@@ -349,6 +407,8 @@ def run_main(
             "bitrate": plan[0]["bitrate"] if plan else None,
             "proxy_args": args.proxy_arg,
             "listen_backlog": args.backlog,
+            "runs": getattr(args, "runs", 1),
+            "coalescing": getattr(args, "coalescing", "on"),
             "time_limit_s": limit,
             "plan": [{k: v for k, v in p.items() if k != "label"} for p in plan],
         },
@@ -358,31 +418,38 @@ def run_main(
     children = Children()
     started = time.monotonic()
     if not args.no_reference:
-        print("… socat relay reference (bench/relay.py --paths socat)", flush=True)
+        print("… socat relay reference (bench/relay.py --paths socat --bodies chunked --runs 3)", flush=True)
         report["reference"] = socat_reference(stamp)
         if "error" in report["reference"]:
             report["errors"].append(f"socat reference: {report['reference']['error']}")
+    runs = getattr(args, "runs", 1)
+    variants = {"on": ["on"], "off": ["off"], "both": ["off", "on"]}[getattr(args, "coalescing", "on")]
     try:
-        for step in plan:
-            print(f"… {step['label']}: {step['contents']} content(s) × {step['per_content']} client(s)", flush=True)
-            try:
-                row = run_scenario(
-                    children,
-                    step["label"].replace(" ", ""),
-                    contents=step["contents"],
-                    per_content=step["per_content"],
-                    bitrate=step["bitrate"],
-                    seconds=args.seconds,
-                    procs=args.procs,
-                    ramp=args.ramp,
-                    proxy_args=args.proxy_arg,
-                    backlog=args.backlog,
-                )
-            except Exception as exc:  # noqa: BLE001 - one failed row, not the run
-                row = {"error": f"{type(exc).__name__}: {exc}"}
-                report["errors"].append(f"{step['label']}: {row['error']}")
-            row["label"] = step["label"]
-            report["runs"].append(row)
+        for i in range(runs):
+            for step in plan:
+                for variant in variants:
+                    label = step["label"] + (" off" if variant == "off" and len(variants) > 1 else "")
+                    print(f"… run {i + 1}/{runs}, {label}: {step['contents']} content(s) × {step['per_content']} "
+                          f"client(s), coalescing {variant}", flush=True)  # fmt: skip
+                    try:
+                        row = run_scenario(
+                            children,
+                            label.replace(" ", ""),
+                            contents=step["contents"],
+                            per_content=step["per_content"],
+                            bitrate=step["bitrate"],
+                            seconds=args.seconds,
+                            procs=args.procs,
+                            ramp=args.ramp,
+                            proxy_args=args.proxy_arg,
+                            backlog=args.backlog,
+                            proxy_env={"ACEXY_COALESCE_DELAY": "0"} if variant == "off" else None,
+                        )
+                    except Exception as exc:  # noqa: BLE001 - one failed row, not the run
+                        row = {"error": f"{type(exc).__name__}: {exc}"}
+                        report["errors"].append(f"{label}: {row['error']}")
+                    row.update(label=label, run=i + 1, coalescing=variant, step=step["label"])
+                    report["runs"].append(row)
     except OutOfTime as exc:
         report["errors"].append(str(exc))
     finally:
@@ -392,6 +459,7 @@ def run_main(
     for row in report["runs"]:
         if socat and row.get("proxy_cpu_s_per_gb") is not None:
             row["proxy_over_socat_relay"] = round(row["proxy_cpu_s_per_gb"] / socat, 2)
+    report["summary"] = summarise(report["runs"])
     finish(report, args.json, name, stamp, started, render(report, title, label))
     failed = report["errors"] or any(not r.get("sessions", {}).get("ok", False) for r in report["runs"])
     return 1 if failed else 0
@@ -402,6 +470,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--clients", type=parse_counts, default=[50, 200, 500],
                         help="comma-separated client counts, one run each (default 50,200,500)")  # fmt: skip
     parser.add_argument("--bitrate", default="8M", help="engine bitrate (default 8M)")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole plan; medians reported (default 1)")
+    parser.add_argument(
+        "--coalescing", choices=("on", "off", "both"), default="on",
+        help="the players' send coalescing (ACEXY_COALESCE_DELAY=0 turns it off): on (default), off, "
+             "or both, each client count measured off then on in every run",
+    )  # fmt: skip
     common_args(parser)
     args = parser.parse_args(argv)
     parse_bitrate(args.bitrate)

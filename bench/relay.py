@@ -1,28 +1,40 @@
 #!/usr/bin/env python3
 """
 Relay benchmark for acexy-tw: how fast, how expensive and how much later than
-the engine itself the proxy delivers a stream.
+the engine itself the proxy delivers a stream, against two reference relays
+measured in the same run.
 
-    .venv/bin/python bench/relay.py [--seconds 8] [--iterations 40] [--json PATH]
+    .venv/bin/python bench/relay.py [--runs 3] [--seconds 6] [--bodies chunked,length]
+                                    [--paths socat,twisted,proxy] [--iterations 40] [--json PATH]
 
-Every party is its own process: the simulated engine
-(``python -m acexy_tw.sim.engine``), the proxy (``twistd -n acexy``), ``socat``
-(the reference relay) and the load clients (this file, re-run in a client
-mode; raw sockets, standard library only).  Ports are free ones on 127.0.0.1.
-Every child is killed at the end, whatever happened.
+Every party is its own process: the engine, the relays and the load clients
+(this file, re-run in a client mode; raw sockets, standard library only).
+Ports are free ones on 127.0.0.1. Every child is killed at the end, whatever
+happened.
 
-1. Throughput, one client, engine flat out, ``--seconds`` each: direct
-   (client reads the engine's playback URL), socat (the same through
-   ``socat -b 65536``), proxy (``/ace/getstream?id=``).  MB/s at the client,
-   and CPU seconds per GB of the relay, the engine and the client, from
-   ``/proc/<pid>/stat`` utime+stime sampled around a window that opens once
-   the first 1 MB has arrived.
-2. Time to first body byte, engine rate-limited (4 Mbit/s), proxy
+1. Throughput, one client, engine flat out, ``--seconds`` each. The engine is
+   this file's fake engine (``_engine`` mode: the engine's getstream / stat /
+   stop contract, and a playback body sent with ``sendall`` from one
+   prebuilt 1 MB buffer of TS packets, so it costs next to nothing): the same
+   bytes either ``chunked`` (64 KiB chunks, as the simulated engine and
+   Twisted's ``Request.write`` send them), with a ``length``
+   (Content-Length) or ``close``-delimited. Per body, the paths:
+   ``socat`` (``socat -b 65536``, the C reference), ``twisted`` (Twisted's
+   own byte relay, ``twistd -n portforward``: the floor of any relay on this
+   reactor), ``proxy`` (``twistd -n acexy``, ``/ace/getstream?id=``) and
+   optionally ``direct`` (the playback URL itself). MB/s at the client and
+   CPU seconds per GB of the relay process (``/proc/<pid>/stat``
+   utime+stime, sampled around a window that opens once the first 1 MB has
+   arrived), and each figure as a ratio to the Twisted relay's in the same
+   run. ``--runs`` repetitions (the order of the paths rotates from one
+   repetition to the next); the table gives the median of each figure and of
+   each ratio, and every run's values.
+2. Time to first body byte, simulated engine rate-limited (4 Mbit/s), proxy
    ``--linger 0``, ``--iterations`` fresh content ids: direct = getstream JSON
    then GET playback (what the proxy must do), proxy = one GET.
 
 MB and GB are 10^6 and 10^9 bytes.  Bytes are counted raw as received (HTTP
-headers and chunked framing included: the engine and the proxy both chunk).
+headers and chunked framing included).
 """
 
 from __future__ import annotations
@@ -52,6 +64,8 @@ from common import (  # noqa: E402
     cpu_seconds,
     engine_getstream,
     engine_stop,
+    free_port,
+    listening,
     fmt as _fmt,
     http_get,
     machine,
@@ -59,6 +73,8 @@ from common import (  # noqa: E402
     quantile,
     read_head as _read_head,
     request_bytes as _request,
+    source_line,
+    source_state,
 )
 
 WARMUP_BYTES = 1_000_000
@@ -200,8 +216,125 @@ def client_ttfb(engine_port: int, proxy_port: int, iterations: int, warmup: int)
 
 
 # ---------------------------------------------------------------------------
+# the fake engine (a separate process): the same TS bytes, chunked or not
+# ---------------------------------------------------------------------------
+
+#: packets in the buffer the fake engine sends over and over (1,048,476 bytes)
+FAKE_PACKETS = 5577
+#: chunk size of the chunked body (what Twisted's Request.write of 64 KiB sends)
+FAKE_CHUNK = 65536
+BODIES = ("chunked", "length", "close")
+
+
+def fake_ts() -> bytes:
+    """FAKE_PACKETS TS packets: sync byte, PID 0x100, a running continuity
+    counter, a payload without sync bytes."""
+    payload = (bytes(range(0x48, 0xFF)) * 2)[:184]
+    return b"".join(bytes([0x47, 0x01, 0x00, 0x10 | (i & 0x0F)]) + payload for i in range(FAKE_PACKETS))
+
+
+def fake_body(body: str) -> bytes:
+    """What one round of the fake engine's playback body is on the wire."""
+    ts = fake_ts()
+    if body != "chunked":
+        return ts
+    view = memoryview(ts)
+    return b"".join(
+        b"%x\r\n%b\r\n" % (len(view[i : i + FAKE_CHUNK]), view[i : i + FAKE_CHUNK]) for i in range(0, len(ts), FAKE_CHUNK)
+    )
+
+
+def _fake_json(sock: socket.socket, doc: Any) -> None:
+    body = json.dumps(doc).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    sock.sendall(head % len(body) + body)
+
+
+def _fake_serve(sock: socket.socket, port: int, body: str, wire: bytes) -> None:
+    try:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            if not more:
+                return
+            data += more
+        path = data.split(b"\r\n", 1)[0].split(b" ")[1].decode("latin-1")
+        base = f"http://127.0.0.1:{port}/ace"
+        if path.startswith("/ace/getstream"):
+            query = dict(p.partition("=")[::2] for p in path.partition("?")[2].split("&"))
+            tail = f"{query.get('id', 'x')}/{secrets.token_hex(8)}"
+            _fake_json(sock, {"response": {
+                "playback_url": f"{base}/r/{tail}", "stat_url": f"{base}/stat/{tail}",
+                "command_url": f"{base}/cmd/{tail}", "infohash": query.get("id", "x"),
+                "playback_session_id": tail, "is_live": 1, "is_encrypted": 0, "client_session_id": -1,
+            }, "error": None})  # fmt: skip
+        elif path.startswith("/ace/r/"):
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: video/MP2T\r\n"
+            if body == "chunked":
+                head += b"Transfer-Encoding: chunked\r\n"
+            elif body == "length":
+                head += b"Content-Length: 1000000000000\r\n"
+            else:
+                head += b"Connection: close\r\n"
+            sock.sendall(head + b"\r\n")
+            send = sock.sendall
+            while True:
+                send(wire)
+        elif path.startswith("/ace/stat/"):
+            _fake_json(sock, {"response": {"status": "dl", "peers": 1, "speed_down": 100000, "speed_up": 10,
+                                           "downloaded": 0, "uploaded": 0, "total_progress": 0, "is_live": 1},
+                              "error": None})  # fmt: skip
+        elif path.startswith("/ace/cmd/"):
+            _fake_json(sock, {"response": "ok", "error": None})
+        else:  # /webui/api/service?method=get_version, the pool's probe
+            _fake_json(sock, {"result": {"code": 3010500, "platform": "linux", "version": "3.1.5"}, "error": None})
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def fake_engine(body: str) -> None:
+    """Serve the engine contract on a free port (printed as ``PORT n``) until killed."""
+    import threading
+
+    wire = fake_body(body)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    print(f"PORT {port}", flush=True)
+    while True:
+        sock, _ = listener.accept()
+        threading.Thread(target=_fake_serve, args=(sock, port, body, wire), daemon=True).start()
+
+
+# ---------------------------------------------------------------------------
 # the parent: processes, /proc sampling, measurements
 # ---------------------------------------------------------------------------
+
+
+MEDIAN_KEYS = ("mb_per_s", "relay_cpu_s_per_gb", "relay_cpu_pct", "engine_cpu_s_per_gb", "client_cpu_s_per_gb",
+               "cpu_per_gb_over_twisted", "mb_per_s_over_twisted")  # fmt: skip
+
+
+def medians(runs: List[Dict[str, Any]], paths: List[str]) -> Dict[str, Any]:
+    """Per path: the median over the runs of each figure (runs with an error left out)."""
+    out: Dict[str, Any] = {}
+    for label in paths:
+        good = [r[label] for r in runs if label in r and "error" not in r[label]]
+        row: Dict[str, Any] = {"n": len(good)}
+        for key in MEDIAN_KEYS:
+            values = [g[key] for g in good if g.get(key) is not None]
+            if values:
+                row[key] = round(statistics.median(values), 3)
+                row[key + "_all"] = values
+        errors = [r[label]["error"] for r in runs if label in r and "error" in r[label]]
+        if errors:
+            row["errors"] = errors
+        out[label] = row
+    return out
 
 
 class Bench(Children):
@@ -252,60 +385,77 @@ class Bench(Children):
             out[f"{who}_cpu_pct"] = round(100 * secs / result["elapsed"], 1)
         return out
 
+    def start_fake_engine(self, body: str) -> Tuple[Any, int]:
+        proc = self.spawn(f"engine-{body}", [sys.executable, __file__, "_engine", body], stdout_pipe=True)
+        line = self._read_line(proc, 20)
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"fake engine ({body}): {line!r}\n{self.log_tail(f'engine-{body}')}")
+        return proc, int(line.split()[1])
+
+    def start_twisted_relay(self, name: str, engine_port: int) -> Tuple[Any, int]:
+        """``twistd -n portforward``: Twisted's own byte relay (its ProxyServer /
+        ProxyClient pair, each transport the other's producer), on a free port."""
+        port = free_port()
+        argv = [self.twistd, "-n", "--pidfile=", "portforward", "-p", f"tcp:{port}:interface=127.0.0.1",
+                "-h", "127.0.0.1", "-d", str(engine_port)]  # fmt: skip
+        proc = self.spawn(name, argv)
+        self.wait_until(name, proc, lambda: listening(port))
+        return proc, port
+
+    def throughput_once(self, body: str, order: List[str]) -> Dict[str, Any]:
+        """Every path in ``order`` once, over a fresh fake engine sending ``body``."""
+        engine, engine_port = self.start_fake_engine(body)
+        rows: Dict[str, Any] = {}
+        try:
+            for label in order:
+                proc = None
+                try:
+                    if label == "proxy":
+                        proc, port = self.start_proxy(f"proxy-{body}", engine_port)
+                        path = f"/ace/getstream?id={secrets.token_hex(20)}"
+                    else:
+                        path = engine_getstream(engine_port, secrets.token_hex(20))["playback_url"]
+                        if label == "socat":
+                            proc, port = self.start_socat(f"socat-{body}", engine_port)
+                        elif label == "twisted":
+                            proc, port = self.start_twisted_relay(f"twisted-{body}", engine_port)
+                        else:
+                            port = engine_port
+                    rows[label] = self.stream_once(f"{label}-{body}", port, path, proc.pid if proc else None, engine.pid)
+                    if label == "proxy" and self.args.profile and body not in self.profiles:
+                        self.profiles[body] = self.profile(proc.pid, port)
+                except Exception as exc:  # noqa: BLE001 - one failed row, not the run
+                    rows[label] = {"error": str(exc)}
+                finally:
+                    if proc is not None:
+                        self.stop(proc)
+        finally:
+            self.stop(engine)
+        return rows
+
     def throughput(self) -> Dict[str, Any]:
-        engine, engine_port = self.start_engine("engine-flat", ["--flat-out"])
-        results: Dict[str, Any] = {}
-
-        def run(label: str, fn) -> None:
-            try:
-                results[label] = fn()
-            except Exception as exc:  # noqa: BLE001 - one failed row, not the run
-                results[label] = {"error": str(exc)}
-
-        def direct() -> Dict[str, Any]:
-            urls = engine_getstream(engine_port, secrets.token_hex(20))
-            try:
-                return self.stream_once("direct", engine_port, urls["playback_url"], None, engine.pid)
-            finally:
-                engine_stop(engine_port, urls["command_url"])
-
-        def via_socat() -> Dict[str, Any]:
-            socat, socat_port = self.start_socat("socat", engine_port)
-            urls = engine_getstream(engine_port, secrets.token_hex(20))
-            try:
-                return self.stream_once("socat", socat_port, urls["playback_url"], socat.pid, engine.pid)
-            finally:
-                engine_stop(engine_port, urls["command_url"])
-                self.stop(socat)
-
-        def via_proxy() -> Dict[str, Any]:
-            proxy, proxy_port = self.start_proxy("proxy-flat", engine_port)
-            try:
-                path = f"/ace/getstream?id={secrets.token_hex(20)}"
-                row = self.stream_once("proxy", proxy_port, path, proxy.pid, engine.pid)
-                if self.args.profile:
-                    results["profile"] = self.profile(proxy.pid, proxy_port)
-                return row
-            finally:
-                self.stop(proxy)
-
-        for label, fn in (("direct", direct), ("socat", via_socat), ("proxy", via_proxy)):
-            if label in self.args.paths:
-                run(label, fn)
-        self.stop(engine)
-
-        ratios: Dict[str, Optional[float]] = {}
-        s, p, d = results.get("socat", {}), results.get("proxy", {}), results.get("direct", {})
-        if s.get("relay_cpu_s_per_gb") and p.get("relay_cpu_s_per_gb") is not None:
-            ratios["proxy_over_socat_cpu_per_gb"] = round(p["relay_cpu_s_per_gb"] / s["relay_cpu_s_per_gb"], 2)
-        if s.get("mb_per_s") and p.get("mb_per_s") is not None:
-            ratios["proxy_over_socat_throughput"] = round(p["mb_per_s"] / s["mb_per_s"], 3)
-        if d.get("mb_per_s") and p.get("mb_per_s") is not None:
-            ratios["proxy_over_direct_throughput"] = round(p["mb_per_s"] / d["mb_per_s"], 3)
-        if d.get("mb_per_s") and s.get("mb_per_s") is not None:
-            ratios["socat_over_direct_throughput"] = round(s["mb_per_s"] / d["mb_per_s"], 3)
-        results["ratios"] = ratios
-        return results
+        paths = [p for p in ("direct", "socat", "twisted", "proxy") if p in self.args.paths]
+        self.profiles: Dict[str, Any] = {}
+        out: Dict[str, Any] = {"bodies": {}, "runs": self.args.runs, "paths": paths}
+        for body in self.args.bodies:
+            runs = []
+            for i in range(self.args.runs):
+                order = paths[i % len(paths):] + paths[: i % len(paths)]  # rotate: drift hits every path alike
+                print(f"… throughput, {body} body, run {i + 1}/{self.args.runs}: {', '.join(order)}", flush=True)
+                rows = self.throughput_once(body, order)
+                ref = rows.get("twisted", {})
+                for label, row in rows.items():
+                    if "error" in row or "error" in ref or label == "twisted" or not ref:
+                        continue
+                    if ref.get("relay_cpu_s_per_gb") and row.get("relay_cpu_s_per_gb") is not None:
+                        row["cpu_per_gb_over_twisted"] = round(row["relay_cpu_s_per_gb"] / ref["relay_cpu_s_per_gb"], 3)
+                    if ref.get("mb_per_s") and row.get("mb_per_s") is not None:
+                        row["mb_per_s_over_twisted"] = round(row["mb_per_s"] / ref["mb_per_s"], 3)
+                runs.append(rows)
+            out["bodies"][body] = {"runs": runs, "median": medians(runs, paths)}
+        if self.profiles:
+            out["profile"] = self.profiles
+        return out
 
     def profile(self, pid: int, port: int) -> Dict[str, Any]:
         """Optional (``--profile SECONDS``): py-spy the proxy under the same
@@ -419,44 +569,43 @@ def render(report: Dict[str, Any]) -> str:
         f"acexy-tw relay bench  {report['timestamp']}",
         f"machine: nproc={m['nproc']} (usable {m['usable_cpus']}), {m.get('cpu', '?')}, "
         f"{m['implementation']} {m['python']}, Twisted {m.get('twisted', '?')}, socat {m.get('socat', '?')}, "
-        f"load avg at start {m['loadavg_at_start'][0]}",
+        f"load avg at start {m['loadavg_at_start'][0]}, at end {report.get('loadavg_at_end', ['?'])[0]}",
+        source_line(report["source"]),
         "",
     ]
     t = report.get("throughput")
     if t:
         lines += [
-            f"1. relay throughput: one client, engine flat out, {report['config']['seconds']:g} s window "
-            "after the first 1 MB (MB = 10^6 B)",
-            f"   {'path':<7} {'MB/s':>8}  {'relay CPU s/GB':>14} {'relay %':>8}  "
-            f"{'engine s/GB':>11} {'engine %':>8}  {'client s/GB':>11} {'client %':>8}",
+            f"1. relay throughput: one client, fake engine flat out, {report['config']['seconds']:g} s window "
+            f"after the first 1 MB (MB = 10^6 B); median of {t['runs']} run(s), the paths' order rotating",
+            "   ratios are to the Twisted relay (twistd portforward) of the same run, then the median taken",
         ]
-        for label in ("direct", "socat", "proxy"):
-            if label not in t:
-                continue
-            row = t[label]
-            if "error" in row:
-                lines.append(f"   {label:<7} ERROR: {row['error'].splitlines()[0]}")
+        for body, result in t["bodies"].items():
+            med = result["median"]
+            lines += [
+                f"   {body} body:",
+                f"   {'path':<8} {'MB/s':>7} {'relay CPU s/GB':>14} {'relay %':>8}  {'÷ twisted CPU/GB':>16} "
+                f"{'÷ twisted MB/s':>14}  {'engine s/GB':>11}  runs (relay CPU s/GB)",
+            ]
+            for label in t["paths"]:
+                row = med.get(label, {})
+                if not row.get("n"):
+                    lines.append(f"   {label:<8} ERROR: {(row.get('errors') or ['no run'])[0].splitlines()[0]}")
+                    continue
+                lines.append(
+                    f"   {label:<8} {_fmt(row.get('mb_per_s')):>7} {_fmt(row.get('relay_cpu_s_per_gb'), '.3f'):>14} "
+                    f"{_fmt(row.get('relay_cpu_pct')):>8}  {_fmt(row.get('cpu_per_gb_over_twisted'), '.2f'):>16} "
+                    f"{_fmt(row.get('mb_per_s_over_twisted'), '.2f'):>14}  {_fmt(row.get('engine_cpu_s_per_gb'), '.3f'):>11}  "
+                    + " ".join(f"{v:.3f}" for v in row.get("relay_cpu_s_per_gb_all", []))
+                    + (f"  ({len(row['errors'])} failed)" if row.get("errors") else "")
+                )
+            lines.append("")
+        for body, prof in t.get("profile", {}).items():
+            if "error" in prof:
+                lines += [f"   profile ({body}): {prof['error']}", ""]
                 continue
             lines.append(
-                f"   {label:<7} {_fmt(row.get('mb_per_s')):>8}  {_fmt(row.get('relay_cpu_s_per_gb'), '.3f'):>14} "
-                f"{_fmt(row.get('relay_cpu_pct')):>8}  {_fmt(row.get('engine_cpu_s_per_gb'), '.3f'):>11} "
-                f"{_fmt(row.get('engine_cpu_pct')):>8}  {_fmt(row.get('client_cpu_s_per_gb'), '.3f'):>11} "
-                f"{_fmt(row.get('client_cpu_pct')):>8}" + ("  (EOF!)" if row.get("eof") else "")
-            )
-        r = t.get("ratios", {})
-        lines += [
-            f"   proxy ÷ socat: CPU per GB ×{_fmt(r.get('proxy_over_socat_cpu_per_gb'), '.2f')}, "
-            f"throughput ×{_fmt(r.get('proxy_over_socat_throughput'), '.2f')}; "
-            f"throughput ÷ direct: socat ×{_fmt(r.get('socat_over_direct_throughput'), '.2f')}, "
-            f"proxy ×{_fmt(r.get('proxy_over_direct_throughput'), '.2f')}",
-            "",
-        ]
-        prof = t.get("profile")
-        if prof and "error" in prof:
-            lines += [f"   profile: {prof['error']}", ""]
-        elif prof:
-            lines.append(
-                f"   py-spy, proxy under the same load ({prof['samples']} main-thread samples, proxy CPU "
+                f"   py-spy, proxy under the same load, {body} body ({prof['samples']} main-thread samples, proxy CPU "
                 f"{prof['proxy_cpu_pct_while_profiled']}%; {prof['collapsed_stacks']}): top 10 by own time"
             )
             lines.append(f"   {'own %':>6} {'incl %':>6}  function")
@@ -494,14 +643,19 @@ def render(report: Dict[str, Any]) -> str:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="acexy-tw relay benchmark (throughput, CPU per GB, time to first byte)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="throughput window per path (default 8)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="throughput window per path and run (default 6)")
+    parser.add_argument("--runs", type=int, default=3, help="throughput repetitions; medians reported (default 3)")
+    parser.add_argument(
+        "--bodies", type=lambda t: [x for x in t.split(",") if x], default=["chunked", "length"],
+        help=f"engine bodies to measure, of {','.join(BODIES)} (default chunked,length)",
+    )  # fmt: skip
     parser.add_argument("--iterations", type=int, default=40, help="time-to-first-byte samples per path (default 40)")
     parser.add_argument("--warmup", type=int, default=2, help="extra first-byte iterations run first and discarded")
     parser.add_argument("--json", type=Path, help="where to write the JSON (default bench/results/relay-<timestamp>.json)")
     parser.add_argument("--skip", choices=("throughput", "ttfb"), action="append", default=[], help="skip a part")
     parser.add_argument(
-        "--paths", type=lambda t: [x for x in t.split(",") if x], default=["direct", "socat", "proxy"],
-        help="throughput paths to measure (default direct,socat,proxy; fanout.py asks for socat alone)",
+        "--paths", type=lambda t: [x for x in t.split(",") if x], default=["socat", "twisted", "proxy"],
+        help="throughput paths, of direct,socat,twisted,proxy (default socat,twisted,proxy; fanout.py asks for socat alone)",
     )  # fmt: skip
     parser.add_argument(
         "--profile", type=float, default=0, metavar="SECONDS",
@@ -516,6 +670,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_client-stream":
         client_stream(int(argv[1]), argv[2], float(argv[3]), int(argv[4]))
+        return 0
+    if argv and argv[0] == "_engine":
+        fake_engine(argv[1])
         return 0
     if argv and argv[0] == "_client-ttfb":
         client_ttfb(int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4]))
@@ -533,13 +690,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise OutOfTime(f"time limit of {limit}s reached")
 
     # every wait below has its own timeout; this bounds the sum of them
-    limit = args.time_limit or int(60 + 3 * (args.seconds + 2) + 0.5 * (args.iterations + args.warmup) + 2 * args.profile)
+    for body in args.bodies:
+        if body not in BODIES:
+            raise SystemExit(f"relay.py: unknown body {body!r} (one of {', '.join(BODIES)})")
+    rows = args.runs * len(args.bodies) * len(args.paths)
+    limit = args.time_limit or int(60 + rows * (args.seconds + 4) + 0.5 * (args.iterations + args.warmup) + 2 * args.profile)
     signal.signal(signal.SIGALRM, out_of_time)
     signal.alarm(limit)
     report: Dict[str, Any] = {
         "timestamp": stamp.isoformat(timespec="seconds"),
         "machine": machine(),
-        "config": {"seconds": args.seconds, "iterations": args.iterations, "warmup": args.warmup,
+        "source": source_state(),
+        "config": {"seconds": args.seconds, "runs": args.runs, "bodies": args.bodies, "paths": args.paths,
+                   "fake_chunk": FAKE_CHUNK, "iterations": args.iterations, "warmup": args.warmup,
                    "warmup_bytes": WARMUP_BYTES, "recv_buffer": RECV_BUFFER, "socat_block": 65536,
                    "engine_ttfb_bitrate": 4_000_000, "proxy_linger": 0},
         "errors": [],
@@ -563,6 +726,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         signal.alarm(0)
         bench.stop_all()
     report["wall_seconds"] = round(time.monotonic() - started, 1)
+    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = args.json or RESULTS / f"relay-{args.stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     report["json_path"] = str(path)
