@@ -9,9 +9,15 @@ a fresh simulated engine (``bench/simengine.py`` at ``--bitrate``), so memory
 freed by one measurement cannot be reused by the next:
 
 A. players: idle RSS (after start, no request yet); 1 player on one content;
-   then ``--clients`` − 1 more on the same content (``--clients`` in all).
+   then ``--clients`` − 1 more on the same content (``--clients`` in all);
+   then *after*: every player gone and every session closed.
 B. streams: idle; 1 content × 1 player; then ``--streams`` − 1 more
-   contents × 1 player each.
+   contents × 1 player each; then after, as in A.
+
+The reference, measured in the same run: the *floor*, a Python process that
+imports only the fixed stack (twistd, the reactor without TLS, twisted.web's
+server and client, Klein, treq, prometheus_client) and nothing of acexy-tw.
+Idle is reported against it, and after-load against idle.
 
 Each step waits until every new player has its first body byte, lets the
 proxy settle (``--settle`` s), then takes the median of 5 VmRSS samples
@@ -111,6 +117,13 @@ class Step:
             bad += [c for c in result["clients"] if c["status"] != 200 or c["end"] != "stopped"]
         return bad
 
+    def after(self) -> Dict[str, Any]:
+        """Every player gone: once the proxy has no session left, settle and sample."""
+        deadline = time.monotonic() + 60
+        while backlog(self.port)["streams"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.idle()
+
 
 def measure(children: Children, args: argparse.Namespace, name: str, paths_first: List[str], paths_more: List[str]) -> Dict[str, Any]:
     engine, engine_port, _ = children.start_stats_engine(f"engine-{name}", ["--bitrate", args.bitrate])
@@ -121,10 +134,38 @@ def measure(children: Children, args: argparse.Namespace, name: str, paths_first
         one = step.add(f"{name}-first", paths_first, procs=1)
         more = step.add(f"{name}-more", paths_more, procs=args.procs)
         bad = step.finish()
+        after = step.after()
     finally:
         children.stop(proxy)
         children.stop(engine)
-    return {"idle": idle, "one": one, "all": more, "failed_clients": len(bad), "failed_samples": bad[:5]}
+    return {"idle": idle, "one": one, "all": more, "after": after, "failed_clients": len(bad), "failed_samples": bad[:5]}
+
+
+FLOOR = """
+import sys, time
+from acexy_tw._twisted_compat import leave_tls_unloaded
+leave_tls_unloaded()
+import twisted.scripts.twistd
+from twisted.internet import epollreactor
+epollreactor.install()
+import twisted.web.server, twisted.web.client, klein, treq, prometheus_client
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def floor(settle: float) -> Dict[str, float]:
+    """RSS of a process importing the fixed stack only (the reference)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(settle)
+        return sample_rss(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def derive(m: Dict[str, Any], n: int) -> Dict[str, Any]:
@@ -141,6 +182,8 @@ def derive(m: Dict[str, Any], n: int) -> Dict[str, Any]:
         "per_unit_1_to_n_kib": round((rn - r1) / (n - 1), 1) if n > 1 else None,
         "per_unit_1_to_n_minus_backlog_kib": round((rn - r1 - bl) / (n - 1), 1) if n > 1 else None,
         "first_unit_kib": r1 - r0,
+        "after_kib": m["after"]["rss"]["VmRSS"],
+        "after_over_idle": round(m["after"]["rss"]["VmRSS"] / r0, 3),
     }
 
 
@@ -159,11 +202,17 @@ def render(report: Dict[str, Any]) -> str:
     a, b = report.get("players"), report.get("streams")
     if a and "error" not in a:
         i = a["measured"]["idle"]["rss"]
+        f = report.get("floor")
         lines += [
             f"idle RSS (after start, no request yet): {i['VmRSS'] / 1024:.1f} MiB "
             f"(anonymous {i['RssAnon'] / 1024:.1f} MiB, files/libraries {i['RssFile'] / 1024:.1f} MiB)",
-            "",
         ]
+        if f:
+            lines.append(
+                f"reference, the fixed stack imported alone: {f['VmRSS'] / 1024:.1f} MiB; "
+                f"idle / reference = {i['VmRSS'] / f['VmRSS']:.2f} (+{(i['VmRSS'] - f['VmRSS']) / 1024:.1f} MiB)"
+            )
+        lines.append("")
     lines.append(f"   {'':<34} {'idle':>9} {'1':>9} {'N':>9} {'backlog':>8}  {'per unit 0→N':>12} {'− backlog':>9}  {'per unit 1→N':>12} {'− backlog':>9}")
     for label, part in (("players on one content", a), ("streams (contents × 1 player)", b)):
         if not part:
@@ -190,7 +239,9 @@ def render(report: Dict[str, Any]) -> str:
             m = part["measured"]
             lines.append(
                 f"   {label}: {m['all']['clients']} players connected at the N sample, {m['all']['paused_clients']} paused; "
-                f"peak RSS {m['all']['rss']['VmHWM'] / 1024:.1f} MiB; failed players {m['failed_clients']}"
+                f"peak RSS {m['all']['rss']['VmHWM'] / 1024:.1f} MiB; failed players {m['failed_clients']}; "
+                f"after they left {part['derived']['after_kib'] / 1024:.1f} MiB = "
+                f"{part['derived']['after_over_idle']:.2f} × idle"
             )
     lines.append("")
     for e in report.get("errors", []):
@@ -225,6 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     children = Children()
     started = time.monotonic()
     try:
+        report["floor"] = floor(args.settle)
         if "players" not in args.skip:
             cid = content_ids(1)[0]
             try:
