@@ -101,25 +101,29 @@ def keyframe(codec: str, pes: bytes, final: bool = False) -> Optional[bool]:
     included) starts with a keyframe: True, False, or None when more bytes
     are needed (never None when ``final``).
     """
-    if len(pes) < 9:
+    return _verdict(codec, pes, 0, final)
+
+
+def _verdict(codec: str, buf: bytes, pos: int, final: bool) -> Optional[bool]:
+    """:func:`keyframe` for the PES that begins at ``buf[pos]`` (no copy)."""
+    if len(buf) < pos + 9:
         return False if final else None
-    if pes[0] != 0 or pes[1] != 0 or pes[2] != 1:
+    if not buf.startswith(b"\x00\x00\x01", pos):
         return False  # not a PES start
-    head = 9 + pes[8]
-    if len(pes) < head:
+    head = pos + 9 + buf[pos + 8]
+    if len(buf) < head:
         return False if final else None
-    es = pes[head:]
     if codec == "h264":
-        return _h264(es, final)
+        return _h264(buf, head, final)
     if codec == "hevc":
-        return _hevc(es, final)
-    return _mpeg2(es, final)
+        return _hevc(buf, head, final)
+    return _mpeg2(buf, head, final)
 
 
-def _h264(es: bytes, final: bool) -> Optional[bool]:
+def _h264(es: bytes, start: int, final: bool) -> Optional[bool]:
     sps = False
     last = len(es) - 3
-    j = es.find(b"\x00\x00\x01")
+    j = es.find(b"\x00\x00\x01", start)
     while 0 <= j < last:
         nal = es[j + 3] & 0x1F
         if nal == 5:
@@ -132,9 +136,9 @@ def _h264(es: bytes, final: bool) -> Optional[bool]:
     return sps if final else None
 
 
-def _hevc(es: bytes, final: bool) -> Optional[bool]:
+def _hevc(es: bytes, start: int, final: bool) -> Optional[bool]:
     last = len(es) - 3
-    j = es.find(b"\x00\x00\x01")
+    j = es.find(b"\x00\x00\x01", start)
     while 0 <= j < last:
         nal = es[j + 3] >> 1 & 0x3F
         if 16 <= nal <= 21:
@@ -145,8 +149,8 @@ def _hevc(es: bytes, final: bool) -> Optional[bool]:
     return False if final else None
 
 
-def _mpeg2(es: bytes, final: bool) -> Optional[bool]:
-    j = es.find(b"\x00\x00\x01\x00")  # picture_start_code
+def _mpeg2(es: bytes, start: int, final: bool) -> Optional[bool]:
+    j = es.find(b"\x00\x00\x01\x00", start)  # picture_start_code
     if j >= 0 and j + 5 < len(es):
         return (es[j + 5] >> 3) & 0x07 == 1
     return False if final else None
@@ -461,13 +465,15 @@ class FastStart:
 
     @staticmethod
     def _pes_start(codec: str, piece: Any, o: int) -> tuple[Optional[bool], bytes]:
-        """Is the video PES starting at ``o`` a RAP (None: its next packets will tell)?"""
-        if piece[o + 3] & 0x20 and piece[o + 4] and piece[o + 5] & _RAI:
-            return True, b""
-        payload = _payload(piece, o)
-        if payload is None:
+        """Is the (unflagged) video PES starting at ``o`` a keyframe (None: its
+        next packets will tell; then its first bytes so far)?"""
+        packet = bytes(piece[o : o + PACKET_SIZE])  # (no copy of a bytes piece's slice but this one)
+        control = packet[3] >> 4 & 0x3
+        pos = 5 + packet[4] if control & 0x2 else 4
+        if not control & 0x1 or pos >= PACKET_SIZE:
             return False, b""
-        return keyframe(codec, payload), payload
+        verdict = _verdict(codec, packet, pos, False)
+        return verdict, (packet[pos:] if verdict is None else b"")
 
     def _pat_pmt(self, at: Optional[tuple] = None) -> bytes:
         """The latest PAT and PMT packets (or those at ``at``, a probe's (PAT, PMT) places)."""
