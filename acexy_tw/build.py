@@ -210,7 +210,7 @@ def build(
     hls = HlsSessions(
         placement,
         reactor,
-        linger=config.linger,
+        stream_timeout=config.m3u8_stream_timeout,  # acexy's ACEXY_M3U8_STREAM_TIMEOUT
         on_ready=events.started if events else None,  # reported like TS sessions
         on_closed=events.ended if events else None,
         limit=limit,

@@ -22,8 +22,9 @@ engine connection directly (a 1:1 pipe, like Twisted's portforward), and each
 relay is bounded (no data for ACEXY_EMPTY_TIMEOUT, twice that in all) and
 closed when its session stops.
 
-The session lives while its playlist is polled: ``max(linger, 3 × target
-duration)`` after the last poll or segment it is stopped (stop command sent,
+The session lives while its playlist is polled: ``max(stream_timeout, 3 ×
+target duration)`` (``ACEXY_M3U8_STREAM_TIMEOUT``, acexy's meaning: a request
+counts as a player for that long) after the last poll or segment it is stopped (stop command sent,
 reservation released, relays closed). HLS players are never *held*: a "wait"
 answer is a 503 with Retry-After — a playlist client retries by itself.
 
@@ -82,7 +83,7 @@ class HlsSession:
         placement: Any,
         clock: IReactorTime,
         *,
-        linger: float,
+        stream_timeout: float,
         on_closed: Callable[["HlsSession", str], None],
         on_ready: Optional[Callable[["HlsSession"], None]] = None,
         stats_interval: float = 0.0,
@@ -119,7 +120,7 @@ class HlsSession:
         self.relays: set["SegmentRelay"] = set()
         self._placement = placement
         self._clock = clock
-        self._linger = linger
+        self._stream_timeout = stream_timeout
         self._on_closed = on_closed
         self._waiters: list[Deferred] = []
         self._error: Optional[BaseException] = None
@@ -140,7 +141,7 @@ class HlsSession:
 
     @property
     def idle_timeout(self) -> float:
-        return max(self._linger, 3 * self.target_duration, 1.0)
+        return max(self._stream_timeout, 3 * self.target_duration, 1.0)
 
     @property
     def segment_path(self) -> str:
@@ -422,7 +423,7 @@ class HlsSessions:
         placement: Any,
         clock: IReactorTime,
         *,
-        linger: float,
+        stream_timeout: float,
         on_ready: Optional[Callable[[HlsSession], None]] = None,
         on_closed: Optional[Callable[[HlsSession, str], None]] = None,
         limit: Optional[Any] = None,  # the SessionLimit shared with the TS sessions
@@ -434,7 +435,7 @@ class HlsSessions:
         self._on_closed = on_closed
         self._placement = placement
         self._clock = clock
-        self._linger = linger
+        self._stream_timeout = stream_timeout
         self._by_key: dict[ContentKey, HlsSession] = {}
         self._by_sid: dict[str, HlsSession] = {}
         #: stop commands of closed sessions not answered yet (shutdown waits for them too)
@@ -454,7 +455,7 @@ class HlsSessions:
                 key,
                 self._placement,
                 self._clock,
-                linger=self._linger,
+                stream_timeout=self._stream_timeout,
                 on_closed=self._closed,
                 on_ready=self._on_ready,
                 stats_interval=self._stats_interval,

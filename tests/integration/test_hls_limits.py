@@ -85,7 +85,7 @@ class SegmentRelayDeadlineTests(TestCase):
 
     async def test_segment_never_read_is_closed_after_empty_timeout(self) -> None:
         engine = big_segment_engine(self)
-        proxy = await hls_proxy(self, engine, empty_timeout="500ms", linger="30s")
+        proxy = await hls_proxy(self, engine, empty_timeout="500ms", m3u8_stream_timeout="30s")
         player, before, started = await self._stalled_segment(proxy, engine)
         session = next(iter(proxy.service.hls))
         during = fds()
@@ -128,7 +128,7 @@ class SegmentRelayDeadlineTests(TestCase):
     async def test_relays_are_closed_when_their_session_stops(self) -> None:
         engine = big_segment_engine(self)
         # a long empty timeout: only the session's stop can end the relay
-        proxy = await hls_proxy(self, engine, empty_timeout="60s", linger="0")
+        proxy = await hls_proxy(self, engine, empty_timeout="60s", m3u8_stream_timeout="0")
         player, before, started = await self._stalled_segment(proxy, engine)
         session = next(iter(proxy.service.hls))
         await within(engine.when(lambda e: e.stop_count == 1))  # no longer polled: 3 x target duration
@@ -144,7 +144,7 @@ class SegmentRelayDeadlineTests(TestCase):
 
     async def test_segment_of_a_stopped_session_is_404(self) -> None:
         engine = sim_engine(self, bitrate=1_000_000, hls_segment_duration=0.5)
-        proxy = await hls_proxy(self, engine, linger="0")
+        proxy = await hls_proxy(self, engine, m3u8_stream_timeout="0")
         code, playlist = await get_text(self, proxy.url(manifest()))
         self.assertEqual(code, 200)
         await within(engine.when(lambda e: e.stop_count == 1))

@@ -53,7 +53,7 @@ class LiveStatsTests(TestCase):
         from tests.integration.harness import get_text, http_client
 
         engine = sim_engine(self, bitrate=BITRATE, hls_segment_duration=0.5)
-        proxy = await start_proxy(self, engine, stats_interval=f"{int(INTERVAL * 1000)}ms", linger="4s")
+        proxy = await start_proxy(self, engine, stats_interval=f"{int(INTERVAL * 1000)}ms", m3u8_stream_timeout="4s")
         from urllib.parse import urljoin
 
         manifest = proxy.url(f"/ace/manifest.m3u8?id={CID}")

@@ -68,12 +68,12 @@ class HlsTests(TestCase):
 
     async def test_session_is_stopped_when_no_longer_polled(self) -> None:
         engine = hls_engine(self)
-        proxy = await start_proxy(self, engine, linger="300ms")
+        proxy = await start_proxy(self, engine, m3u8_stream_timeout="300ms")
         code, _ = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
         self.assertEqual(code, 200)
         hls = proxy.service.hls
         self.assertEqual(len(hls), 1)
-        await within(engine.when(lambda e: e.stop_count == 1))  # after max(linger, 3 x target duration)
+        await within(engine.when(lambda e: e.stop_count == 1))  # after max(ACEXY_M3U8_STREAM_TIMEOUT, 3 x target duration)
         self.assertEqual(len(hls), 0)
 
     async def test_unknown_segment_is_404(self) -> None:
@@ -190,7 +190,7 @@ class HlsEventTests(TestCase):
         orch = sim_orchestrator(self, api_key="k-hls-0001")
         handle = orch.add_engine()
         fallback = hls_engine(self)
-        proxy = await start_proxy(self, fallback, orch_url=orch.url, orch_apikey="k-hls-0001", linger="300ms")
+        proxy = await start_proxy(self, fallback, orch_url=orch.url, orch_apikey="k-hls-0001", m3u8_stream_timeout="300ms")
         await wait_until(lambda: proxy.service.monitor.reachable is not None, "the first status poll")
         code, _ = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
         self.assertEqual(code, 200)

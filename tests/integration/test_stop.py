@@ -66,7 +66,7 @@ class StopTests(TestCase):
 
     async def test_an_hls_session_is_stopped_too(self) -> None:
         engine = sim_engine(self, bitrate=1_000_000, hls_segment_duration=0.5)
-        proxy = await start_proxy(self, engine, linger="30s")
+        proxy = await start_proxy(self, engine, m3u8_stream_timeout="30s")
         code, playlist = await get_text(self, proxy.url(f"/ace/manifest.m3u8?id={CID}"))
         self.assertEqual(code, 200, playlist)
         [session] = list(proxy.service.hls)

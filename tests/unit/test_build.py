@@ -147,6 +147,11 @@ class SameBuilderTests(SynchronousTestCase):
 class CollaboratorTests(SynchronousTestCase):
     """Each part is built with the others it works with (checked by what they do)."""
 
+    def test_hls_sessions_close_after_acexy_m3u8_stream_timeout_not_the_ts_linger(self) -> None:
+        p = InMemoryProxy(m3u8_stream_timeout=90, linger=5)
+        self.assertEqual(p.hls.for_key(key()).idle_timeout, 90)
+        self.assertEqual(InMemoryProxy(linger=5).hls.for_key(key()).idle_timeout, 60)  # acexy's default
+
     def test_placement_uses_the_engines_and_the_orchestrator_it_was_given(self) -> None:
         p = InMemoryProxy(orchestrator=True)
         self.assertIs(p.placement.engines, p.pool)

@@ -125,20 +125,20 @@ class FakeRequest:
 
 
 def ready_session(
-    clock: Clock, linger: float = 0, stats_interval: float = 0
+    clock: Clock, stream_timeout: float = 0, stats_interval: float = 0
 ) -> tuple[HlsSession, FakeEngine, list[str]]:
     engine = FakeEngine()
     closed: list[str] = []
     session = HlsSession(
-        key(), FakePlacement(engine), clock, linger=linger, on_closed=lambda s, r: closed.append(r), stats_interval=stats_interval
+        key(), FakePlacement(engine), clock, stream_timeout=stream_timeout, on_closed=lambda s, r: closed.append(r), stats_interval=stats_interval
     )
     session.ready()
     return session, engine, closed
 
 
-def playing_session(clock: Clock, linger: float = 600, stats_interval: float = 5) -> tuple[HlsSession, FakeEngine]:
+def playing_session(clock: Clock, stream_timeout: float = 600, stats_interval: float = 5) -> tuple[HlsSession, FakeEngine]:
     """A ready session whose first engine playlist came in (its stats run from then on)."""
-    session, engine, _ = ready_session(clock, linger=linger, stats_interval=stats_interval)
+    session, engine, _ = ready_session(clock, stream_timeout=stream_timeout, stats_interval=stats_interval)
     session.playlist()
     engine.fetches[0].callback((200, LIVE))
     return session, engine
@@ -302,7 +302,7 @@ class PlaylistTests(SynchronousTestCase):
 class SegmentRelayTests(SynchronousTestCase):
     def _relay(self, idle: float = 1.0, total: float = 5.0) -> tuple[Any, ...]:
         clock = Clock()
-        session, engine, _ = ready_session(clock, linger=60)  # the session outlives the relay
+        session, engine, _ = ready_session(clock, stream_timeout=60)  # the session outlives the relay
         request = FakeRequest()
         relay = SegmentRelay(request, session, f"{ENGINE}/ace/c/abc/7.ts", clock, idle_timeout=idle, max_duration=total)
         done = relay.start()
@@ -348,7 +348,7 @@ class SegmentRelayTests(SynchronousTestCase):
 
     def test_an_engine_that_never_answers_is_bounded(self) -> None:
         clock = Clock()
-        session, engine, _ = ready_session(clock, linger=60)
+        session, engine, _ = ready_session(clock, stream_timeout=60)
         relay = SegmentRelay(FakeRequest(), session, f"{ENGINE}/ace/c/abc/7.ts", clock, idle_timeout=1, max_duration=5)
         done = relay.start()
         clock.advance(1)
@@ -369,7 +369,7 @@ class HlsStatsTests(SynchronousTestCase):
 
     def test_polled_every_interval_from_the_first_playlist_and_nothing_left_after_close(self) -> None:
         clock = Clock()
-        session, engine, _ = ready_session(clock, linger=600, stats_interval=5)
+        session, engine, _ = ready_session(clock, stream_timeout=600, stats_interval=5)
         self.assertEqual(engine.stats, [])  # accepted, nothing delivered yet
         session.playlist()
         engine.fetches[0].callback((200, LIVE))
@@ -412,7 +412,7 @@ class HlsStatsTests(SynchronousTestCase):
     def test_not_polled_before_the_engine_accepted_nor_while_its_playlist_fails(self) -> None:
         clock = Clock()
         engine = FakeEngine()
-        session = HlsSession(key(), FakePlacement(engine, answer=False), clock, linger=0, on_closed=lambda s, r: None, stats_interval=5)
+        session = HlsSession(key(), FakePlacement(engine, answer=False), clock, stream_timeout=0, on_closed=lambda s, r: None, stats_interval=5)
         session.ready()
         clock.advance(30)
         self.assertEqual(engine.stats, [])
@@ -420,7 +420,7 @@ class HlsStatsTests(SynchronousTestCase):
         session.close("client_disconnected")
         self.assertEqual(clock.getDelayedCalls(), [])
 
-        session, engine, _ = ready_session(clock, linger=600, stats_interval=5)
+        session, engine, _ = ready_session(clock, stream_timeout=600, stats_interval=5)
         d = session.playlist()
         engine.fetches[0].callback((500, b"no"))
         self.failureResultOf(d, EngineError)
@@ -476,7 +476,7 @@ class HlsSessionsStopTests(SynchronousTestCase):
         engine = FakeEngine()
         placement = FakePlacement(engine)
         ended: list = []
-        hls = HlsSessions(placement, clock, linger=600, on_closed=lambda s, r: ended.append((str(s.key), r)), stats_interval=5)
+        hls = HlsSessions(placement, clock, stream_timeout=600, on_closed=lambda s, r: ended.append((str(s.key), r)), stats_interval=5)
         return clock, hls, engine, placement, ended
 
     def test_stop_ends_every_session_of_the_content_through_close(self) -> None:
