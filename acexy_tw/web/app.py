@@ -170,10 +170,15 @@ class ProxyApp:
         try:
             await sink.done
         except NoEngine as e:
-            return _refusal(request, e)
+            return self._refuse(request, e)
         except EngineError as e:
             return _text(request, e.http_status, str(e))
         return None
+
+    def _refuse(self, request: Any, error: NoEngine) -> bytes:
+        """A player told "no engine": counted by code (acexy_refusals_total), then answered."""
+        self.metrics.refused(error)
+        return _refusal(request, error)
 
     # -- HLS -------------------------------------------------------------------------
 
@@ -205,7 +210,7 @@ class ProxyApp:
             await session.ready()
             body = await session.playlist(query, up)
         except NoEngine as e:  # never held: a playlist client retries by itself
-            return _refusal(request, e)
+            return self._refuse(request, e)
         except EngineError as e:
             return _text(request, e.http_status, str(e))
         request.setHeader(b"content-type", HLS_CONTENT_TYPE)

@@ -302,6 +302,16 @@ class RefusalAndErrorTests(SynchronousTestCase):
         self.assertEqual(sample(text, "acexy_refusals_total", {"code": "other"}), 1)
         self.assertEqual(len(series(text, "acexy_refusals_total")), len(REFUSAL_CODES))
 
+    def test_players_refused_over_http_are_counted(self) -> None:
+        p = InMemoryProxy(max_sessions="1")
+        first = p.connect()
+        p.engine.response.data(ts(1))
+        refused = p.connect(b"/ace/getstream?id=" + b"b" * 40)  # a second engine session: over the limit
+        self.assertEqual(refused.status(), 503)
+        self.assertEqual(p.connect(b"/ace/manifest.m3u8?id=" + b"c" * 40).status(), 503)
+        self.assertEqual(sample(page(p), "acexy_refusals_total", {"code": "max_sessions"}), 2)
+        first.disconnect()
+
     def test_every_refusal_code_in_the_code_is_listed(self) -> None:
         self.assertTrue(WAIT_CODES <= set(REFUSAL_CODES))
         found = set()
