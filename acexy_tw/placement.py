@@ -204,19 +204,13 @@ class Placement:
     async def _start_on(
         self, key: ContentKey, engine: OrchestratedEngine, last: bool = False, hls: bool = False
     ) -> Optional[tuple[EngineClient, PlaybackInfo]]:
-        """Start on ``engine`` (reserved first); None if it refused and others may not."""
-        reservation = Reservation(engine.container_id)
-        self.reservations[_slot(key, hls)] = reservation  # before any await: concurrent placements see it
+        """Start on ``engine``; None if it refused and others may not."""
         client = self.engine_for(engine)
         try:
-            info = await _start(client, key, hls)
-        except ContentError as e:
-            self.release(key, hls=hls)
-            self._engine_error(e)
+            info = await self._reserve_and_start(key, engine.container_id, client, hls)
+        except ContentError:
             raise
         except EngineError as e:
-            self.release(key, hls=hls)
-            self._engine_error(e)
             if last:
                 raise
             log.warn(
@@ -226,11 +220,23 @@ class Placement:
                 error=str(e),
             )
             return None
-        except BaseException:
+        return client, info
+
+    async def _reserve_and_start(self, key: ContentKey, engine_id: str, client: Any, hls: bool) -> PlaybackInfo:
+        """Start ``key`` on ``client``, reserved under ``engine_id`` (a container
+        id or a pool URL) before any await, so concurrent placements see it; if
+        the start fails the reservation is released and an engine error counted."""
+        reservation = Reservation(engine_id)
+        self.reservations[_slot(key, hls)] = reservation
+        try:
+            info = await _start(client, key, hls)
+        except BaseException as e:
             self.release(key, hls=hls)
+            if isinstance(e, EngineError):
+                self._engine_error(e)
             raise
         reservation.stream_id = stream_id_for(key, info)
-        return client, info
+        return info
 
     async def _fall_back(
         self, key: ContentKey, error: Exception, avoid: frozenset, hls: bool
@@ -257,27 +263,17 @@ class Placement:
                 break
             engine = ranked[0]
             tried.add(engine.url)
-            reservation = Reservation(engine.url)
-            self.reservations[_slot(key, hls)] = reservation  # before any await
             try:
-                info = await _start(engine.client, key, hls)
-            except ContentError as e:
-                self.release(key, hls=hls)
-                self._engine_error(e)
+                info = await self._reserve_and_start(key, engine.url, engine.client, hls)
+            except ContentError:
                 raise
             except EngineError as e:
-                self.release(key, hls=hls)
-                self._engine_error(e)
                 self.engines.failed(engine, e)
                 error = e
                 if len(self.engines) > 1:
                     log.warn("engine {url} refused {key} ({error})", url=engine.url, key=str(key), error=str(e))
                 continue
-            except BaseException:
-                self.release(key, hls=hls)
-                raise
             self.engines.answered(engine)
-            reservation.stream_id = stream_id_for(key, info)
             return engine.client, info
         if error is not None:  # every engine with room refused: the last answer stands
             raise error
