@@ -231,3 +231,23 @@ class SessionStats:
         self.failures += 1
         self.last_error = message
         log.debug("stat request failed ({n} so far): {msg}", n=self.failures, msg=message)
+
+
+def session_fields(session: Any, now: float) -> dict[str, Any]:
+    """What the status page shows of any engine session, TS or HLS: its key,
+    state, engine and engine session, byte counts, age and live stats."""
+    info = session.info
+    engine = session.engine
+    return {
+        "key": str(session.key),
+        "state": session.state,
+        "stat_url": info.stat_url if info else None,
+        "playback_session_id": info.playback_session_id if info else None,
+        "engine": engine.address.url if engine else None,
+        "container_id": getattr(engine, "container_id", None),
+        "orchestrator_stream_id": session.stream_id,
+        "bytes_in": session.bytes_in,
+        "bytes_out": session.bytes_out,
+        "uptime": round(now - session.created_at, 1),
+        **session.stats.describe(),
+    }

@@ -54,7 +54,7 @@ from twisted.web.http import PotentialDataLoss
 from acexy_tw.content import ContentKey
 from acexy_tw.engine import EngineClient, EngineError, NoEngine, PlaybackInfo, discard_body
 from acexy_tw.logs import get_logger
-from acexy_tw.stats import SessionStats
+from acexy_tw.stats import SessionStats, session_fields
 
 log = get_logger(__name__)
 
@@ -383,26 +383,15 @@ class HlsSession:
         """This session as the status page shows it: the TS sessions' fields
         (``clients`` is unknown for HLS: players are pollers), and its own."""
         now = self._clock.seconds()
-        info = self.info
         return {
             "kind": "hls",
-            "key": str(self.key),
-            "state": self.state,
+            **session_fields(self, now),
             "clients": None,
-            "stat_url": info.stat_url if info else None,
-            "playback_session_id": info.playback_session_id if info else None,
-            "engine": self.engine.address.url if self.engine else None,
-            "container_id": getattr(self.engine, "container_id", None),
-            "orchestrator_stream_id": self.stream_id,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "uptime": round(now - self.created_at, 1),
             "polls": self.polls,
             "fetches": self.fetches,
             "relays": len(self.relays),
             "segments": self.segments_served,
             "last_poll": round(now - self.last_poll, 1),
-            **self.stats.describe(),
         }
 
     def stopped(self) -> Deferred:

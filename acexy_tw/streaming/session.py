@@ -47,7 +47,7 @@ from acexy_tw.content import ContentKey
 from acexy_tw.engine import ContentError, EngineClient, EngineError, PlaybackInfo, discard_body
 from acexy_tw.logs import get_logger
 from acexy_tw.retry import Budget, RetryPolicy
-from acexy_tw.stats import SessionStats
+from acexy_tw.stats import SessionStats, session_fields
 from acexy_tw.streaming.budget import BacklogBudget
 from acexy_tw.streaming.fanout import KEEPALIVE, KEEPALIVE_CHUNK, Fanout
 from acexy_tw.streaming.joiner import FAST_START_CAP, FastStart
@@ -240,26 +240,15 @@ class EngineSession:
     def describe(self) -> dict[str, Any]:
         """This session as the status page shows it."""
         now = self._clock.seconds()
-        info = self.info
         return {
-            "key": str(self.key),
-            "state": self.state,
+            **session_fields(self, now),
             "clients": len(self.sinks),
-            "stat_url": info.stat_url if info else None,
-            "playback_session_id": info.playback_session_id if info else None,
-            "engine": self.engine.address.url if self.engine else None,
-            "container_id": getattr(self.engine, "container_id", None),
-            "orchestrator_stream_id": self.stream_id,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "uptime": round(now - self.created_at, 1),
             "engine_paused": self.upstream_paused,
             "waiting_reason": self.waiting_reason,
             "waiting": None if self.waiting_since is None else round(now - self.waiting_since, 1),
             "failovers": self.failovers,
             "engine_sessions": self.engine_sessions,
             "failover_attempts_left": None if self.incident is None else self.incident.budget.remaining,
-            **self.stats.describe(),
             "client_list": [
                 {
                     "peer": s.peer,
