@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -117,11 +118,12 @@ def info_for(key: ContentKey, n: int, host: str = "engine:6878") -> PlaybackInfo
 
 
 class FakeResponse:
-    """A playback response whose body the test drives."""
+    """A playback (or HLS segment) response whose body the test drives."""
 
     code = 200
 
     def __init__(self) -> None:
+        self.headers = Headers({b"content-type": [b"video/MP2T"]})
         self.transport = StringTransport()
         self.protocol: Any = None
 

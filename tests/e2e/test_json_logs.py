@@ -34,14 +34,6 @@ ISO_UTC_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 LEVELS = {"debug", "info", "warn", "error", "critical"}
 PLAYLIST = f"#EXTM3U\n#EXTINF:-1,Demo\nacestream://{DEMO_ID}\n"
 
-#: whether twistd's --logfile reaches the acexy observer: ``makeService`` has
-#: to hand twistd's options to ``acexy_tw.logs.configure``
-LOGFILE_PASSED_ON = any(
-    "logs.configure(" in path.read_text(encoding="utf-8")
-    for path in (ROOT / "acexy_tw").rglob("*.py")
-    if path.name != "logs.py"
-)
-
 
 def json_env(tmp_path: Path, **extra: str) -> tuple[dict, Path]:
     source = tmp_path / "demo.m3u"
@@ -197,7 +189,6 @@ async def test_every_line_on_stdout_is_a_json_object(reactor, tmp_path):
           f"{sorted({e['level'] for e in events})}; {len({e['logger'] for e in events})} loggers")
 
 
-@pytest.mark.skipif(not LOGFILE_PASSED_ON, reason="makeService does not hand twistd's --logfile to acexy_tw.logs.configure")
 @pytest_twisted.ensureDeferred
 async def test_json_lines_to_the_logfile_and_sighup_reopens_it(reactor, tmp_path):
     logfile = tmp_path / "acexy.log"

@@ -10,13 +10,12 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
-from twisted.web.http_headers import Headers
 from twisted.internet.testing import StringTransport
 
 from acexy_tw.engine import EngineAddress, EngineError, PlaybackInfo
 from acexy_tw.stats import TIMER_NAMES
 from acexy_tw.streaming.hls import HlsSession, SegmentRelay
-from acexy_tw.testing import key
+from acexy_tw.testing import FakeResponse, key
 
 ENGINE = "http://10.0.0.5:19023"
 PLAYLIST_URL = f"{ENGINE}/ace/m/abc/tok.m3u8"
@@ -28,19 +27,6 @@ def playlist(*lines: str, target: int = 2) -> bytes:
 
 
 LIVE = playlist("#EXTINF:2.0,", "http://127.0.0.1:6878/ace/c/abc/7.ts", "#EXTINF:2.0,", "http://127.0.0.1:6878/ace/c/abc/8.ts")
-
-
-class FakeBody:
-    code = 200
-
-    def __init__(self) -> None:
-        self.headers = Headers({b"content-type": [b"video/MP2T"]})
-        self.transport = StringTransport()
-        self.protocol: Any = None
-
-    def deliverBody(self, protocol: Any) -> None:
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
 
 
 class FakeEngine:
@@ -306,7 +292,7 @@ class SegmentRelayTests(SynchronousTestCase):
         request = FakeRequest()
         relay = SegmentRelay(request, session, f"{ENGINE}/ace/c/abc/7.ts", clock, idle_timeout=idle, max_duration=total)
         done = relay.start()
-        body = FakeBody()
+        body = FakeResponse()
         engine.gets[0][1].callback(body)
         return clock, session, request, relay, done, body
 
@@ -435,7 +421,7 @@ class HlsStatsTests(SynchronousTestCase):
         for second in range(4):
             relay = SegmentRelay(FakeRequest(), session, f"{ENGINE}/ace/c/abc/7.ts", clock, idle_timeout=60, max_duration=120)
             relay.start()
-            body = FakeBody()
+            body = FakeResponse()
             engine.gets[-1][1].callback(body)
             body.protocol.dataReceived(b"\x47" * 188 * 10)
             body.protocol.connectionLost(Failure(ResponseDone()))

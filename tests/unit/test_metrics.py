@@ -25,7 +25,6 @@ from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.internet.testing import StringTransport
 
 from acexy_tw import __version__
@@ -38,7 +37,7 @@ from acexy_tw.metrics import (
     STOP_REASONS,
 )
 from acexy_tw.streaming.waiting import WAIT_CODES
-from acexy_tw.testing import CID, InMemoryProxy, orchestrator_status, ts
+from acexy_tw.testing import CID, FakeResponse, InMemoryProxy, orchestrator_status, ts
 from acexy_tw.web.server import OTHER_ROUTE, ROUTES, route_of
 
 PACKAGE = Path(__file__).resolve().parents[2] / "acexy_tw"
@@ -73,27 +72,12 @@ def series(text: str, name: str) -> list[dict[str, str]]:
     return [s.labels for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
 
 
-class SegmentBody:
-    """An engine's segment response whose body the test drives."""
-
-    code = 200
-
-    def __init__(self) -> None:
-        self.headers = Headers({b"content-type": [b"video/MP2T"]})
-        self.transport = StringTransport()
-        self.protocol: Any = None
-
-    def deliverBody(self, protocol: Any) -> None:
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-
-
-def serve_hls(engine: Any) -> list[SegmentBody]:
-    """``engine`` (a ScriptedEngine) serves PLAYLIST, and a SegmentBody per segment GET (returned)."""
-    bodies: list[SegmentBody] = []
+def serve_hls(engine: Any) -> list[FakeResponse]:
+    """``engine`` (a ScriptedEngine) serves PLAYLIST, and a FakeResponse per segment GET (returned)."""
+    bodies: list[FakeResponse] = []
 
     def get(url: str) -> Any:
-        bodies.append(SegmentBody())
+        bodies.append(FakeResponse())
         return succeed(bodies[-1])
 
     engine.fetch = lambda url: succeed((200, PLAYLIST))
@@ -101,7 +85,7 @@ def serve_hls(engine: Any) -> list[SegmentBody]:
     return bodies
 
 
-def hls_proxy(**settings: Any) -> tuple[InMemoryProxy, list[SegmentBody]]:
+def hls_proxy(**settings: Any) -> tuple[InMemoryProxy, list[FakeResponse]]:
     p = InMemoryProxy(**settings)
     return p, serve_hls(p.engine)
 
