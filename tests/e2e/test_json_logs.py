@@ -18,7 +18,6 @@ import subprocess
 from pathlib import Path
 from urllib.parse import quote
 
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
