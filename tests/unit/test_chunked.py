@@ -446,3 +446,102 @@ def test_no_empty_or_none_piece() -> None:
     aligner = SpanAligner()
     assert aligner.push([]) == b""
     assert aligner.feed(b"") == b""
+
+
+# --- the allocator setting of engine reads -----------------------------------------------
+
+
+def test_the_heap_is_kept_for_engine_reads_once_per_process(monkeypatch: Any) -> None:
+    import ctypes.util
+    import platform
+
+    from acexy_tw.streaming import upstream
+
+    monkeypatch.setattr(upstream, "_heap_kept", None)
+    done = upstream.keep_heap_for_reads()
+    assert done is (platform.libc_ver()[0] == "glibc")
+    assert upstream.keep_heap_for_reads() is done  # once: the second call changes nothing
+    monkeypatch.setattr(upstream, "_heap_kept", None)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libc-that-is-not-there.so")
+    assert upstream.keep_heap_for_reads() is False  # no such libc: nothing done, no error
+
+
+# --- EngineConnection: the pause across deliverBody, spans in, pieces out ----------------
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.state = "producing"
+
+    def pauseProducing(self) -> None:
+        self.state = "paused"
+
+    def resumeProducing(self) -> None:
+        self.state = "producing"
+
+    def stopProducing(self) -> None:
+        self.state = "stopped"
+
+
+class FakeResponse:
+    """deliverBody as Twisted's: connect the protocol, then resume the transport."""
+
+    def __init__(self) -> None:
+        self.transport = FakeTransport()
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+        self.transport.resumeProducing()
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.pieces: List[bytes] = []
+        self.lost: List[str] = []
+
+    def upstream_piece(self, piece: bytes) -> None:
+        self.pieces.append(piece)
+
+    def upstream_lost(self, reason: str, *, clean: bool, error: Any) -> None:
+        self.lost.append(reason)
+
+
+def test_a_connection_held_before_it_started_stays_held_after_deliverBody() -> None:
+    from twisted.internet.task import Clock
+
+    from acexy_tw.streaming.upstream import EngineConnection
+
+    response = FakeResponse()
+    conn = EngineConnection(response, Clock(), empty_timeout=10, listener=Listener())
+    conn.set_paused(True)
+    conn.start()
+    assert response.transport.state == "paused"
+    assert conn.paused
+    conn.set_paused(False)
+    assert response.transport.state == "producing"
+    conn.close()
+
+
+def test_spans_and_reads_come_out_as_whole_packets_and_every_byte_at_eof() -> None:
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseDone
+
+    from acexy_tw.streaming.upstream import EngineConnection
+
+    listener = Listener()
+    response = FakeResponse()
+    conn = EngineConnection(response, Clock(), empty_timeout=10, listener=listener)
+    conn.start()
+    stream = packets(5) + b"\x47tail"
+    view = memoryview(stream)
+    conn._spans([view[:100], view[100:300]])  # as body_spans hands them over
+    response.protocol.dataReceived(stream[300:700])
+    conn._spans([view[700:]])  # one span: the read as it is
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert all(len(p) % PACKET_SIZE == 0 for p in listener.pieces[:-1])
+    assert b"".join(listener.pieces) == stream  # the partial packet too, at the clean end
+    assert listener.lost == ["engine_eof"]
+    assert conn.bytes_in == len(stream)
