@@ -254,11 +254,12 @@ class BreakerTests(TestCase):
         await gatherResults([p.when_real(10) for p in players], consumeErrors=True)
         self.assertEqual([first_content(h) for h in orch.provisioned], ids)  # provisioned in arrival order
         self.assertTrue(all(held_then_streamed(p) for p in players))
-        first_ts = [p.arrival_of(p.first_real_offset) for p in players]
-        self.assertEqual(first_ts, sorted(first_ts))
         # one at a time (these provisions take milliseconds, well within the wait queue's
-        # settle window): each was posted only after the previous id's engine session began
+        # settle window): each was posted only after the previous id's engine session began.
+        # (When each player's first picture then arrives is up to its own engine's
+        # prebuffering: not an order the proxy decides, so not asserted.)
         started = [next(iter(h.engine.sessions.values())).created_at for h in orch.provisioned]
+        self.assertEqual(started, sorted(started))
         for previous, post in zip(started, orch.provision_calls[1:]):
             self.assertLessEqual(previous, post)
         self.assertEqual(len(orch.provision_calls), 3)
