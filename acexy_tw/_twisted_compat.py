@@ -14,7 +14,10 @@ Write-through to players: :func:`write_through`
     ``_writeDisconnected`` to see that a ``tcp.Server`` has nothing queued,
     and its ``socket`` (what ``getHandle`` returns) to send at once: a piece
     with ``send``, an HTTP chunk given as its parts (size line, pieces, CRLF)
-    with one ``sendmsg``, nothing joined. Twisted's ``write`` queues every
+    with one ``sendmsg``, nothing joined. What the socket did not take is
+    left to the transport as its own ``doWrite`` leaves a partial send
+    (``dataBuffer`` the piece itself, ``offset`` past what went;
+    ``_maybePauseProducer`` and ``startWriting``): no copy of the rest. Twisted's ``write`` queues every
     write for the next reactor round, turns write interest on and off around
     it (two ``epoll_ctl`` calls, one more ``epoll_wait`` event and a dozen
     Python frames per player per piece) and joins what is queued (a copy),
@@ -26,8 +29,9 @@ Write-through to players: :func:`write_through`
     and :func:`write_through` itself, run on real ``tcp.Server`` instances
     over stand-in sockets, sends a piece and a chunk's parts straight to the
     socket when nothing is queued, queues both behind what is (and Twisted's
-    ``doWrite`` then sends them in order), and queues what the socket did not
-    take, of a piece or of parts.
+    ``doWrite`` then sends them in order), and leaves what the socket did not
+    take, of a piece (the piece itself, the producer paused when that is more
+    than the buffer, resumed once ``doWrite`` sent it) or of parts.
     Fallback: ``transport.write(data)`` / ``transport.writeSequence(parts)``.
     :func:`writes_through` says whether a transport gets the fast path (the
     players' send coalescing is for those).
@@ -258,6 +262,21 @@ class _StandInTransport:
     resumeProducing = stopProducing = pauseProducing
 
 
+class _StandInProducer:
+    """A streaming producer that records whether it was paused."""
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def _unsent(transport: Any) -> int:
     buffered = getattr(transport, "dataBuffer", b"")
     return len(buffered) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
@@ -382,12 +401,16 @@ def write_through(transport: Any, data: Any) -> None:
             if parts is None:
                 if sent == len(data):
                     return
-                data = data[sent:]
-            else:
-                data = _unsent_part(parts, sent)
-                if not data:
-                    return
-                parts = None
+                _hand_over(transport, data, sent, ())
+                return
+            rest = _unsent_parts(parts, sent)
+            if not rest:
+                return
+            head, offset = rest[0]
+            if type(head) is bytes:
+                _hand_over(transport, head, offset, [bytes(p) if type(p) is not bytes else p for p, _ in rest[1:]])
+                return
+            data, parts = b"".join(memoryview(p)[o:] for p, o in rest), None
     if parts is None:
         transport.write(data)
     else:  # Twisted's transports take bytes only
@@ -403,17 +426,32 @@ def writes_through(transport: Any) -> bool:
     return type(transport) is fast and not getattr(transport, "TLS", False)
 
 
-def _unsent_part(parts: Any, sent: int) -> bytes:
-    """What of ``parts`` is left after the first ``sent`` bytes went out, as one ``bytes``."""
+def _unsent_parts(parts: Any, sent: int) -> list[tuple[Any, int]]:
+    """The parts not wholly sent after the first ``sent`` bytes went out,
+    each with the offset its unsent bytes start at (0 but for the first)."""
     rest = []
     for part in parts:
         size = len(part)
         if sent >= size:
             sent -= size
             continue
-        rest.append(memoryview(part)[sent:] if sent else part)
+        rest.append((part, sent))
         sent = 0
-    return b"".join(rest)
+    return rest
+
+
+def _hand_over(transport: Any, data: bytes, offset: int, then: Any) -> None:
+    """Leave ``data[offset:]`` (then ``then``) to the transport as its own
+    ``doWrite`` leaves a partial send: ``dataBuffer`` the object itself and
+    ``offset`` where the unsent bytes start, no copy; write interest on, the
+    producer paused if that is more than the transport buffers."""
+    transport.dataBuffer = data
+    transport.offset = offset
+    if then:
+        transport.writeSequence(then)  # behind it, in order; pauses and starts writing itself
+        return
+    transport._maybePauseProducer()
+    transport.startWriting()
 
 
 def _write_through_type() -> type:
@@ -459,14 +497,31 @@ def _probe_write_through() -> type:
         if sock.sent != [b"queuedpiecesequence"] or _unsent(busy) != 0:
             return _NoFastPath
         short, sock, reactor = server(send_limit=2)
-        write_through(short, b"piece")
+        producer = _StandInProducer()
+        short.registerProducer(producer, True)
+        short.bufferSize = 2
+        piece = b"piece"
+        write_through(short, piece)
         if sock.sent != [b"pi"] or _unsent(short) != len(b"ece") or not reactor.writers:
+            return _NoFastPath
+        if short.dataBuffer is not piece or not producer.paused:  # handed over, not copied; buffer full
+            return _NoFastPath
+        short.doWrite()
+        short.socket._send_limit = 1 << 30
+        short.doWrite()
+        if sock.sent != [b"pi", b"ec", b"e"] or _unsent(short) != 0 or producer.paused or reactor.writers:
             return _NoFastPath
         parts, sock, reactor = server(send_limit=3)
         write_through(parts, (b"ab", b"cd", b"ef"))
         parts.socket._send_limit = 1 << 30
         parts.doWrite()
         if sock.sent != [b"abc", b"def"] or _unsent(parts) != 0:
+            return _NoFastPath
+        views, sock, reactor = server(send_limit=3)
+        write_through(views, (memoryview(b"abcd"), b"ef"))
+        views.socket._send_limit = 1 << 30
+        views.doWrite()
+        if sock.sent != [b"abc", b"def"] or _unsent(views) != 0:
             return _NoFastPath
         return tcp.Server
     except Exception:

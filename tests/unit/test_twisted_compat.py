@@ -285,6 +285,39 @@ def test_write_through_leaves_a_failed_send_to_twisted() -> None:
     assert transport in reactor.writers
 
 
+def test_what_the_socket_did_not_take_is_handed_over_not_copied() -> None:
+    transport, sock, reactor = server(limit=100)
+    producer = compat._StandInProducer()
+    transport.registerProducer(producer, True)
+    transport.bufferSize = 50
+    piece = bytes(300)
+    compat.write_through(transport, piece)
+    assert transport.dataBuffer is piece and transport.offset == 100  # as doWrite leaves a partial send
+    assert producer.paused  # 200 bytes wait: more than the transport buffers
+    assert reactor.writers == [transport]
+    sock._send_limit = 1 << 30
+    transport.doWrite()
+    assert b"".join(sock.sent) == piece
+    assert not producer.paused and compat.unsent_bytes(transport) == 0
+
+
+def test_the_rest_of_a_chunk_is_handed_over_from_the_part_it_stops_in() -> None:
+    transport, sock, _ = server(limit=10)
+    piece = b"p" * 100
+    compat.write_through(transport, (b"64\r\n", piece, b"\r\n"))
+    assert transport.dataBuffer is piece and transport.offset == 6
+    assert compat.unsent_bytes(transport) == 94 + 2
+    sock._send_limit = 1 << 30
+    transport.doWrite()
+    assert b"".join(sock.sent) == b"64\r\n" + piece + b"\r\n"
+    transport, sock, _ = server(limit=3)
+    compat.write_through(transport, (b"ab", memoryview(b"cdef"), b"gh"))  # stops in a view: joined
+    assert compat.unsent_bytes(transport) == 5
+    sock._send_limit = 1 << 30
+    transport.doWrite()
+    assert b"".join(sock.sent) == b"abcdefgh"
+
+
 def test_writes_through_only_a_plain_tcp_server() -> None:
     transport, _, _ = server()
     assert compat.writes_through(transport)
