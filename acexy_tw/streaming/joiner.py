@@ -22,6 +22,9 @@ or, when the muxer sets none, carries a keyframe:
 - HEVC: the first VCL NAL unit is an IRAP (types 16-21).
 - MPEG-2: the first picture header has picture_coding_type 1 (I).
 
+Once the flag has been seen on the video PID the muxer is trusted: an
+unflagged PES start is no RAP, and its video is not looked at.
+
 The NAL units may start in a later packet than the PES (a long SEI, a large
 adaptation field, a PES header split over two packets, and any of it split
 over two pieces): a *probe* then collects the PES's first bytes from the
@@ -29,10 +32,15 @@ following video packets, and if it says yes the cache starts at the PES's
 first packet, kept meanwhile.
 
 Cost: a piece is scanned by its packet headers only — ``piece[1::188]``, one
-C-level slice, then ``bytes.find`` for the PUSI flag with the high PID bits
-of the PAT, PMT and video PIDs — so only PES and section starts of those PIDs
-are looked at in Python (about 30 a second for the video of a 25 fps channel),
-never every packet.
+C-level slice, then ``bytes.find`` for the PUSI flag with the high bits of
+the video PID — so Python runs once per PES start of that PID (and of a PID
+sharing its high byte), never per packet; the latest PAT and PMT of a piece
+are found with two ``rfind`` and copied only for a RAP, and compared with the
+tables every :data:`PSI_CHECK` pieces. Measured on the simulated stream (25
+video frames and ~10 audio PES a second at a nominal 4 Mbit/s, so denser in
+PES starts per byte than a real channel): 0.10-0.12 CPU s/GB in a tight loop
+over 64-256 KiB pieces with flagged keyframes, 0.16-0.19 when the NAL units
+must be read; 0.17 s/GB measured inside a running proxy (flagged).
 
 Bounds: the cache never holds more than ``cap`` bytes (4 MiB by default):
 a GOP that would grow it past the cap drops it until the next RAP. Its bytes
