@@ -14,10 +14,10 @@ The order is the dependency order (each line only uses what is above it):
     orchestrator client ─> HealthMonitor ─> EventReporter
     Placement(engine pool, engine factory, orchestrator, monitor)
     SessionLimit(ACEXY_MAX_SESSIONS)          (engine sessions open at once, TS + HLS)
-    SessionRegistry(placement, settings, wait settings, monitor + pool, events, limit)  (owns the WaitQueue)
+    BacklogBudget(ACEXY_MAX_BACKLOG, clock)   (every player's ClientSink and every session's fast-start cache)
+    SessionRegistry(placement, settings + budget, wait settings, monitor + pool, events, limit)  (owns the WaitQueue)
     HlsSessions(placement, events, limit)
     Metrics(registry, placement, monitor, hls)   (told of each HTTP response by the Site)
-    BacklogBudget(ACEXY_MAX_BACKLOG, clock)   (shared by every player's ClientSink)
     Playlists(ACEXY_PLAYLISTS, HTTP client, clock)
     ProxyApp(registry, metrics, hls, orchestrator status, budget, playlists) ─> TokenGuard ─> Site
 
@@ -186,6 +186,8 @@ def build(
         retry=short_retry,
     )
     limit = SessionLimit(config.max_sessions)
+    #: ACEXY_MAX_BACKLOG: every player's backlog and every session's fast-start cache together
+    budget = BacklogBudget(config.max_backlog, clock=reactor)
     registry = SessionRegistry(
         placement,
         reactor,
@@ -195,6 +197,8 @@ def build(
             failover=RetryPolicy(config.failover_attempts, initial=1.0, factor=2.0, cap=30.0, jitter=jitter),
             failover_reset=config.failover_reset,
             stats_interval=config.stats_interval,
+            fast_start=config.fast_start,
+            budget=budget,
         ),
         waits=WaitSettings(
             size=config.queue_size,
@@ -217,7 +221,6 @@ def build(
         stats_interval=config.stats_interval,  # stat_url polled as for TS sessions
     )
     metrics = Metrics(registry, placement, monitor, hls=hls)
-    budget = BacklogBudget(config.max_backlog, clock=reactor)
     playlists: Optional[Playlists] = None
     if config.playlists:  # ACEXY_PLAYLISTS: sources fetched over the proxy's own pool
         assert http is not None

@@ -45,6 +45,7 @@ __all__ = [
     "parse_buffer_size",
     "parse_duration",
     "parse_engines",
+    "parse_fast_start",
     "parse_host",
     "parse_listen",
     "parse_log_level",
@@ -241,6 +242,18 @@ def parse_buffer_size(text: str) -> int:
         raise ValueError(
             "must be at most 1GiB (it is held per client; a guard for small routers)"
         )
+    return size
+
+
+#: largest fast-start cache one session may hold
+MAX_FAST_START = 64 * 1024 * 1024
+
+
+def parse_fast_start(text: str) -> int:
+    """``ACEXY_FAST_START``: a size from 0 (off) to 64MiB."""
+    size = parse_size(text)
+    if size > MAX_FAST_START:
+        raise ValueError("must be at most 64MiB (one per live session; 0 turns fast start off)")
     return size
 
 
@@ -864,6 +877,18 @@ SETTINGS: tuple[Setting, ...] = (
         help="Bytes queued for all players together; past it the players furthest behind are cut first",
     ),
     Setting(
+        field="fast_start",
+        env="ACEXY_FAST_START",
+        aliases=(),
+        option="fast-start",
+        default="4MiB",
+        parser=parse_fast_start,
+        help=(
+            "Per live session, the stream kept from its latest keyframe so a joining player gets a "
+            "picture at once (counted in ACEXY_MAX_BACKLOG; 0 = off)"
+        ),
+    ),
+    Setting(
         field="max_sessions",
         env="ACEXY_MAX_SESSIONS",
         aliases=(),
@@ -1000,6 +1025,7 @@ class Config:
     failover_reset: float = 30.0
     stats_interval: float = 5.0
     max_backlog: int = 64 * 1024 * 1024
+    fast_start: int = 4 * 1024 * 1024  # bytes per live session, 0: off
     max_sessions: int = 32
     header_timeout: float = 10.0
     max_connections: int = 1024

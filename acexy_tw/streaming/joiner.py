@@ -60,7 +60,6 @@ video PID in its PMT, and PSI sections that do not fit in one packet.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from acexy_tw.logs import get_logger
@@ -72,18 +71,8 @@ __all__ = ["FastStart", "FAST_START_CAP", "PROBE_LIMIT", "VIDEO_STREAM_TYPES", "
 log = get_logger(__name__)
 
 
-def _env_cap() -> int:
-    # A bench toggle until the setting has its place in config.py:
-    # ACEXY_FAST_START=0 turns fast start off, a size in bytes sets the cap.
-    text = os.environ.get("ACEXY_FAST_START", "").strip()
-    try:
-        return int(text) if text else 4 * 1024 * 1024
-    except ValueError:
-        return 4 * 1024 * 1024
-
-
-#: bytes a session's cache may hold (0: fast start off)
-FAST_START_CAP = _env_cap()
+#: bytes a session's cache may hold by default (ACEXY_FAST_START; 0: fast start off)
+FAST_START_CAP = 4 * 1024 * 1024
 #: bytes of a PES (header included) looked at to decide whether it is a keyframe
 PROBE_LIMIT = 2048
 

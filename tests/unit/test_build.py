@@ -147,6 +147,13 @@ class SameBuilderTests(SynchronousTestCase):
 class CollaboratorTests(SynchronousTestCase):
     """Each part is built with the others it works with (checked by what they do)."""
 
+    def test_fast_start_caches_count_in_the_players_backlog_budget(self) -> None:
+        p = InMemoryProxy(fast_start="1MiB")
+        settings = p.registry._settings
+        self.assertIs(settings.budget, p.web.budget)  # one ACEXY_MAX_BACKLOG for players and caches
+        self.assertEqual(settings.fast_start, 1024 * 1024)
+        self.assertEqual(InMemoryProxy(fast_start="0").registry._settings.fast_start, 0)
+
     def test_hls_sessions_close_after_acexy_m3u8_stream_timeout_not_the_ts_linger(self) -> None:
         p = InMemoryProxy(m3u8_stream_timeout=90, linger=5)
         self.assertEqual(p.hls.for_key(key()).idle_timeout, 90)
