@@ -276,6 +276,8 @@ class AcexyService(MultiService):
         # TS and HLS sessions stop together: their stop commands share one budget
         stops = DeferredList([proxy.hls.shutdown(), proxy.registry.shutdown()], consumeErrors=True)
         await self._bounded(stops, "engine sessions")
+        if proxy.web.budget is not None:
+            proxy.web.budget.stop()  # the players' backlogs are gone: no trim left pending
         if proxy.events is not None:
             await self._bounded(proxy.events.flush(), "orchestrator events", 2.0)
         if proxy.monitor is not None and proxy.monitor.running:

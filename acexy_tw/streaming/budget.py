@@ -110,6 +110,7 @@ class BacklogBudget:
         self._trim_interval = trim_interval
         self._freed = 0
         self._trimmed_at = float("-inf")
+        self._later: Any = None
         self._enforcing = False
 
     def __repr__(self) -> str:
@@ -176,25 +177,45 @@ class BacklogBudget:
     # -- giving memory back ------------------------------------------------------------
 
     def _freed_bytes(self, n: int) -> None:
-        # No timer: trim on a release, once ``trim_after`` bytes were freed, at
-        # most every ``trim_interval`` s — or at once when nothing is queued any
-        # more (the load is gone: nothing else would come to trim later).
+        # Trim on a release once ``trim_after`` bytes were freed, and never more
+        # than once per ``trim_interval``: a player that keeps up drains its
+        # backlog on nearly every read, and a trim each time had the allocator
+        # fault the pages back in (25,000-33,000 page faults per GB relayed).
+        # When the budget is empty the load may be over and nothing else would
+        # come to trim: the trim the interval held back is done when it ends
+        # (one timer at most, cancelled by stop()).
         if self._trim is None:
             return
         self._freed += n
         if self._freed < self._trim_after:
             return
         assert self._clock is not None
-        now = self._clock.seconds()
-        if self.total and now - self._trimmed_at < self._trim_interval:
-            return
+        wait = self._trimmed_at + self._trim_interval - self._clock.seconds()
+        if wait <= 0:
+            self._trim_now()
+        elif not self.total and self._later is None:
+            self._later = self._clock.callLater(wait, self._trim_later)
+
+    def _trim_later(self) -> None:
+        self._later = None
+        if self._freed >= self._trim_after:
+            self._trim_now()
+
+    def _trim_now(self) -> None:
+        assert self._clock is not None and self._trim is not None
         self._freed = 0
-        self._trimmed_at = now
+        self._trimmed_at = self._clock.seconds()
         self.trims += 1
         try:
             self._trim()
         except Exception:  # noqa: BLE001 - a failed trim only costs memory
             log.failure("malloc_trim failed")
+
+    def stop(self) -> None:
+        """The proxy stops: no trim is left pending."""
+        if self._later is not None and self._later.active():
+            self._later.cancel()
+        self._later = None
 
 
 def _backlog(sink: BudgetHolder) -> int:

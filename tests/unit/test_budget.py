@@ -137,8 +137,34 @@ class TrimTests(SynchronousTestCase):
             h.queue(60)
         for h in hs:
             h.cut("gone")  # the 2nd release passes 100 bytes freed, the last empties the budget
-        self.assertEqual(self.trims, 2)
+        self.assertEqual(self.trims, 1)  # at once; the second is held back by the interval ...
+        self.clock.advance(1)
+        self.assertEqual(self.trims, 2)  # ... and done when it ends: the load is gone
         self.assertEqual(b.trims, 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_player_that_keeps_up_costs_one_trim_per_interval(self) -> None:
+        b = self.budget()
+        h = Holder(b, "h")
+        for _ in range(50):  # its backlog empties on every read
+            h.queue(200)
+            h.drain(200)
+        self.assertEqual(self.trims, 1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # one held-back trim, not one per read
+        self.clock.advance(1)
+        self.assertEqual(self.trims, 2)
+
+    def test_stop_cancels_a_held_back_trim(self) -> None:
+        b = self.budget()
+        h = Holder(b, "h")
+        for _ in range(2):
+            h.queue(200)
+            h.drain(200)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        b.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(5)
+        self.assertEqual(self.trims, 1)
 
     def test_small_releases_do_not_trim(self) -> None:
         b = self.budget()
