@@ -244,6 +244,7 @@ def build(
         budget=budget,
         playlists=playlists,
         engines_status=placement.pool_status,
+        coalesce_delay=config.coalesce_delay,
     )
     resource = web.resource()
     if config.token:

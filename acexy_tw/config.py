@@ -45,6 +45,7 @@ __all__ = [
     "parse_buffer_size",
     "parse_duration",
     "parse_engines",
+    "parse_coalesce_delay",
     "parse_fast_start",
     "parse_host",
     "parse_listen",
@@ -255,6 +256,14 @@ def parse_fast_start(text: str) -> int:
     if size > MAX_FAST_START:
         raise ValueError("must be at most 64MiB (one per live session; 0 turns fast start off)")
     return size
+
+
+def parse_coalesce_delay(text: str) -> float:
+    """``ACEXY_COALESCE_DELAY``: 0 (off) to 1s, the latency a player's bytes may gain."""
+    seconds = parse_non_negative_duration(text)
+    if seconds > 1.0:
+        raise ValueError("must be at most 1s (a player's bytes wait this long at most; 0 turns it off)")
+    return seconds
 
 
 def parse_port(text: str) -> int:
@@ -877,6 +886,18 @@ SETTINGS: tuple[Setting, ...] = (
         help="Bytes queued for all players together; past it the players furthest behind are cut first",
     ),
     Setting(
+        field="coalesce_delay",
+        env="ACEXY_COALESCE_DELAY",
+        aliases=(),
+        option="coalesce-delay",
+        default="50ms",
+        parser=parse_coalesce_delay,
+        help=(
+            "A player that keeps up gets the pieces arriving within this long of each other in one "
+            "send (fewer system calls; the first piece always goes at once; 0 = off)"
+        ),
+    ),
+    Setting(
         field="fast_start",
         env="ACEXY_FAST_START",
         aliases=(),
@@ -1026,6 +1047,7 @@ class Config:
     stats_interval: float = 5.0
     max_backlog: int = 64 * 1024 * 1024
     fast_start: int = 4 * 1024 * 1024  # bytes per live session, 0: off
+    coalesce_delay: float = 0.05  # seconds, 0: off
     max_sessions: int = 32
     header_timeout: float = 10.0
     max_connections: int = 1024

@@ -443,7 +443,7 @@ def run_main(
                             ramp=args.ramp,
                             proxy_args=args.proxy_arg,
                             backlog=args.backlog,
-                            proxy_env={"ACEXY_COALESCE_DELAY": "0"} if variant == "off" else None,
+                            proxy_env={"ACEXY_COALESCE_DELAY": "0"} if variant == "off" else None,  # the setting, from the environment
                         )
                     except Exception as exc:  # noqa: BLE001 - one failed row, not the run
                         row = {"error": f"{type(exc).__name__}: {exc}"}

@@ -52,7 +52,6 @@ when the player disconnects (its canceller detaches the sink).
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections import deque
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
@@ -77,20 +76,11 @@ class SinkOwner(TypingProtocol):
     def detach(self, sink: "ClientSink") -> None: ...
 
 
-def _env_delay() -> float:
-    # A bench toggle until the setting has its place in config.py:
-    # ACEXY_COALESCE_DELAY=0 turns coalescing off, seconds set the latency cap.
-    text = os.environ.get("ACEXY_COALESCE_DELAY", "").strip()
-    try:
-        return max(0.0, float(text)) if text else 0.05
-    except ValueError:
-        return 0.05
-
-
 #: a coalescing player's pieces are sent once they add up to this many bytes
 COALESCE_BYTES = 128 * 1024
-#: ... or this many seconds after the first of them was held, whichever is first
-COALESCE_DELAY = _env_delay()
+#: ... or this many seconds after the first of them was held, whichever is
+#: first (ACEXY_COALESCE_DELAY's default; 0: coalescing off)
+COALESCE_DELAY = 0.05
 
 _CRLF = b"\r\n"
 

@@ -32,7 +32,7 @@ from acexy_tw.streaming.hls import HlsSessions, SegmentRelay
 from acexy_tw.streaming.registry import SessionRegistry
 from acexy_tw.streaming.session import ShuttingDown
 from acexy_tw.streaming.budget import BacklogBudget
-from acexy_tw.streaming.sink import ClientSink
+from acexy_tw.streaming.sink import COALESCE_DELAY, ClientSink
 
 log = get_logger(__name__)
 
@@ -107,6 +107,7 @@ class ProxyApp:
         budget: Optional[BacklogBudget] = None,
         playlists: Optional[Playlists] = None,
         engines_status: Optional[Callable[[], list]] = None,
+        coalesce_delay: float = COALESCE_DELAY,
     ) -> None:
         self.registry = registry
         self._clock = clock
@@ -125,6 +126,8 @@ class ProxyApp:
         self.playlists = playlists
         #: the engine pool, each engine with its health and load (status page)
         self._engines_status = engines_status
+        #: ACEXY_COALESCE_DELAY: how long a player's pieces may wait to go in one send
+        self.coalesce_delay = coalesce_delay
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -162,6 +165,7 @@ class ProxyApp:
             on_cut=self.metrics.client_cut,
             on_first_byte=self.metrics.first_byte,
             budget=self.budget,
+            coalesce_delay=self.coalesce_delay,
         )
         try:
             self.registry.join(key, sink)

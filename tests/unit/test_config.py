@@ -530,6 +530,7 @@ EXPECTED_TABLE = [
     ("failover_reset", "ACEXY_FAILOVER_RESET", (), "failover-reset", "30s"),
     ("stats_interval", "ACEXY_STATS_INTERVAL", (), "stats-interval", "5s"),
     ("max_backlog", "ACEXY_MAX_BACKLOG", (), "max-backlog", "64MiB"),
+    ("coalesce_delay", "ACEXY_COALESCE_DELAY", (), "coalesce-delay", "50ms"),
     ("fast_start", "ACEXY_FAST_START", (), "fast-start", "4MiB"),
     ("max_sessions", "ACEXY_MAX_SESSIONS", (), "max-sessions", "32"),
     ("header_timeout", "ACEXY_HEADER_TIMEOUT", (), "header-timeout", "10s"),

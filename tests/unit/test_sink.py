@@ -13,7 +13,6 @@ from typing import Any, List
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from acexy_tw.streaming import sink as sink_module
 from acexy_tw.streaming.sink import COALESCE_DELAY, ClientSink, Coalescer, chunk, chunk_parts, coalescer_for
 
 DELAY = 0.05
@@ -250,15 +249,12 @@ def test_coalescing_off_with_a_zero_delay() -> None:
     assert chunks(r.sent) == [b"a", b"b"]
 
 
-def test_the_bench_toggle(monkeypatch: Any) -> None:
-    monkeypatch.setenv("ACEXY_COALESCE_DELAY", "0")
-    assert sink_module._env_delay() == 0.0
-    monkeypatch.setenv("ACEXY_COALESCE_DELAY", "0.2")
-    assert sink_module._env_delay() == 0.2
-    monkeypatch.setenv("ACEXY_COALESCE_DELAY", "soon")
-    assert sink_module._env_delay() == 0.05
-    monkeypatch.delenv("ACEXY_COALESCE_DELAY")
-    assert sink_module._env_delay() == 0.05 == COALESCE_DELAY
+def test_the_setting_reaches_each_player() -> None:
+    from acexy_tw.testing import InMemoryProxy
+
+    assert InMemoryProxy().web.coalesce_delay == COALESCE_DELAY == 0.05  # ACEXY_COALESCE_DELAY's default
+    assert InMemoryProxy(coalesce_delay="0").web.coalesce_delay == 0.0  # off
+    assert InMemoryProxy(coalesce_delay="20ms").web.coalesce_delay == 0.02
 
 
 def test_a_chunk_is_its_parts() -> None:
