@@ -35,11 +35,11 @@ given back (madvise), nothing when there is nothing to give.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from typing import Any, Callable, Optional, Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IReactorTime
 
+from acexy_tw.glibc import libc
 from acexy_tw.logs import get_logger
 
 __all__ = ["BacklogBudget", "BudgetHolder", "malloc_trim", "TRIM_AFTER", "TRIM_INTERVAL"]
@@ -62,12 +62,10 @@ class BudgetHolder(TypingProtocol):
 
 def _load_malloc_trim() -> Optional[Callable[[], Any]]:
     """glibc's ``malloc_trim(0)``, or None elsewhere (musl, macOS, no libc found)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # glibc only: musl has no malloc_trim worth calling
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    lib = libc()
+    if lib is None:
         return None
+    trim = lib.malloc_trim
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return lambda: trim(0)

@@ -22,6 +22,7 @@ from twisted.web.http import PotentialDataLoss
 
 from acexy_tw._twisted_compat import body_spans
 from acexy_tw.engine import EngineError, EngineTimeout
+from acexy_tw.glibc import libc
 from acexy_tw.logs import get_logger
 from acexy_tw.streaming.mpegts import PACKET_SIZE, SYNC_BYTE
 
@@ -64,20 +65,16 @@ def keep_heap_for_reads() -> bool:
     global _heap_kept
     if _heap_kept is None:
         _heap_kept = False
-        try:
+        lib = libc()
+        if lib is not None:
             import ctypes
-            import ctypes.util
 
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            libc.gnu_get_libc_version  # glibc only
-            mallopt = libc.mallopt
+            mallopt = lib.mallopt
             mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
             mallopt.restype = ctypes.c_int
             _heap_kept = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
                 mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
             )
-        except (OSError, AttributeError):
-            pass
         if _heap_kept:
             log.debug("glibc malloc: mmap threshold {m} B, trim threshold {t} B", m=MMAP_THRESHOLD, t=TRIM_THRESHOLD)
     return _heap_kept

@@ -452,7 +452,6 @@ def test_no_empty_or_none_piece() -> None:
 
 
 def test_the_heap_is_kept_for_engine_reads_once_per_process(monkeypatch: Any) -> None:
-    import ctypes.util
     import platform
 
     from acexy_tw.streaming import upstream
@@ -462,8 +461,20 @@ def test_the_heap_is_kept_for_engine_reads_once_per_process(monkeypatch: Any) ->
     assert done is (platform.libc_ver()[0] == "glibc")
     assert upstream.keep_heap_for_reads() is done  # once: the second call changes nothing
     monkeypatch.setattr(upstream, "_heap_kept", None)
+    monkeypatch.setattr(upstream, "libc", lambda: None)
+    assert upstream.keep_heap_for_reads() is False  # not glibc: nothing done, no error
+
+
+def test_glibc_is_found_once_and_only_glibc(monkeypatch: Any) -> None:
+    import ctypes.util
+    import platform
+
+    from acexy_tw import glibc
+
+    assert (glibc.libc() is not None) is (platform.libc_ver()[0] == "glibc")
+    assert glibc.libc() is glibc.libc()  # loaded once
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libc-that-is-not-there.so")
-    assert upstream.keep_heap_for_reads() is False  # no such libc: nothing done, no error
+    assert glibc.libc.__wrapped__() is None  # no such libc: None, no error
 
 
 # --- EngineConnection: the pause across deliverBody, spans in, pieces out ----------------
