@@ -6,6 +6,13 @@ keepalive, and a cheap aligner that cuts an arbitrary byte stream into whole
 packets without touching each packet in Python.
 """
 
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+#: what the aligner takes: a read, or a memoryview span of one
+Buffer = Union[bytes, memoryview]
+
 PACKET_SIZE = 188
 SYNC_BYTE = 0x47
 NULL_PID = 0x1FFF
@@ -29,14 +36,19 @@ def is_null_packet(packet: bytes) -> bool:
     )
 
 
-class PacketAligner:
+class SpanAligner:
     """
-    Cuts a byte stream into whole 188-byte packets.
+    Cuts a byte stream, given as runs of buffers, into whole 188-byte packets
+    with at most one copy of each byte.
 
-    The first sync is found by looking for a sync byte that is followed by
-    another one a packet later (or by the end of the data seen so far); after
-    that the stream is trusted to stay framed, so steady-state cost is one
-    length check per chunk, plus one join when a chunk ends mid-packet.
+    It finds the first sync byte that another one follows a packet later,
+    then trusts the framing; it is fed the pieces of one read at once (``bytes`` or
+    ``memoryview`` slices, e.g. the spans of
+    :class:`acexy_tw.streaming.chunked.ChunkedDecoder`): the whole packets are
+    one join of the held-back tail and the pieces up to the last packet
+    boundary, and a read that is exactly whole packets (nothing held back,
+    one ``bytes``) is passed on as it is. Only the partial packet at the end
+    (< 188 bytes) is kept, as ``bytes``.
     """
 
     __slots__ = ("_tail", "_synced", "dropped")
@@ -47,20 +59,47 @@ class PacketAligner:
         #: bytes thrown away while looking for the first sync byte
         self.dropped = 0
 
-    def feed(self, data: bytes) -> bytes:
-        """Return the whole packets now available (possibly ``b""``)."""
-        if self._tail:
-            data = self._tail + data
-            self._tail = b""
+    def feed(self, data: Buffer) -> bytes:
+        """The whole packets now available (possibly ``b""``)."""
+        return self.push((data,))
+
+    def push(self, spans: Sequence[Buffer]) -> bytes:
+        """The whole packets now available from the tail and ``spans``, as one ``bytes``."""
+        tail = self._tail
         if not self._synced:
-            data = self._find_sync(data)
+            only = spans[0] if not tail and len(spans) == 1 else None
+            found = self._find_sync(only if type(only) is bytes else b"".join((tail, *spans)))
             if not self._synced:
                 return b""
-        extra = len(data) % PACKET_SIZE
-        if extra:
-            self._tail = data[-extra:]
-            return data[:-extra]
-        return data
+            parts: List[Buffer] = [found]
+        elif tail:
+            parts = [tail, *spans]
+        else:
+            parts = list(spans)
+        total = 0
+        for part in parts:
+            total += len(part)
+        keep = total % PACKET_SIZE
+        if keep:
+            held: List[Buffer] = []
+            while keep:
+                last = parts.pop()
+                size = len(last)
+                if size <= keep:
+                    held.append(last)
+                    keep -= size
+                else:
+                    view = last if type(last) is memoryview else memoryview(last)
+                    held.append(view[size - keep :])
+                    parts.append(view[: size - keep])
+                    keep = 0
+            held.reverse()
+            self._tail = b"".join(held)
+        else:
+            self._tail = b""
+        if len(parts) == 1 and type(parts[0]) is bytes:
+            return parts[0]
+        return b"".join(parts)
 
     def pending(self) -> int:
         return len(self._tail)
@@ -71,6 +110,9 @@ class PacketAligner:
         return tail
 
     def _find_sync(self, data: bytes) -> bytes:
+        """``data`` from the first confirmed sync byte on (synced), or b""
+        with the unconfirmed rest kept as the tail."""
+        self._tail = b""
         start = 0
         while True:
             i = data.find(SYNC_BYTE, start)
@@ -79,17 +121,15 @@ class PacketAligner:
                 return b""
             nxt = i + PACKET_SIZE
             if nxt >= len(data):
-                # Not enough data to confirm: keep from here and wait.
-                if len(data) - i >= PACKET_SIZE:
-                    # exactly one packet available: accept it
-                    self._synced = True
-                    self.dropped += i
-                    return data[i:]
+                # Not enough data to confirm with a second sync byte.
                 self.dropped += i
+                if len(data) - i >= PACKET_SIZE:  # exactly one packet: accept it
+                    self._synced = True
+                    return data[i:] if i else data
                 self._tail = data[i:]
                 return b""
             if data[nxt] == SYNC_BYTE:
                 self._synced = True
                 self.dropped += i
-                return data[i:]
+                return data[i:] if i else data
             start = i + 1

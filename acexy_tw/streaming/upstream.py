@@ -12,7 +12,7 @@ still delivered), ``engine_error`` (the connection broke) or ``empty_timeout``.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Protocol as TypingProtocol, Sequence, Union
+from typing import Any, Optional, Protocol as TypingProtocol, Sequence
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -24,13 +24,11 @@ from acexy_tw._twisted_compat import body_spans
 from acexy_tw.engine import EngineError, EngineTimeout
 from acexy_tw.glibc import libc
 from acexy_tw.logs import get_logger
-from acexy_tw.streaming.mpegts import PACKET_SIZE, SYNC_BYTE
+from acexy_tw.streaming.mpegts import Buffer, SpanAligner
 
-__all__ = ["EngineConnection", "SpanAligner", "UpstreamListener", "keep_heap_for_reads"]
+__all__ = ["EngineConnection", "UpstreamListener", "keep_heap_for_reads"]
 
 log = get_logger(__name__)
-
-Buffer = Union[bytes, memoryview]
 
 #: glibc's mallopt() parameters
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -78,106 +76,6 @@ def keep_heap_for_reads() -> bool:
         if _heap_kept:
             log.debug("glibc malloc: mmap threshold {m} B, trim threshold {t} B", m=MMAP_THRESHOLD, t=TRIM_THRESHOLD)
     return _heap_kept
-
-
-class SpanAligner:
-    """
-    Cuts a byte stream, given as runs of buffers, into whole 188-byte packets
-    with at most one copy of each byte.
-
-    What :class:`acexy_tw.streaming.mpegts.PacketAligner` does (find the first
-    sync byte that another one follows a packet later, then trust the
-    framing), but fed the pieces of one read at once (``bytes`` or
-    ``memoryview`` slices, e.g. the spans of
-    :class:`acexy_tw.streaming.chunked.ChunkedDecoder`): the whole packets are
-    one join of the held-back tail and the pieces up to the last packet
-    boundary, and a read that is exactly whole packets (nothing held back,
-    one ``bytes``) is passed on as it is. Only the partial packet at the end
-    (< 188 bytes) is kept, as ``bytes``.
-    """
-
-    __slots__ = ("_tail", "_synced", "dropped")
-
-    def __init__(self) -> None:
-        self._tail = b""
-        self._synced = False
-        #: bytes thrown away while looking for the first sync byte
-        self.dropped = 0
-
-    def feed(self, data: Buffer) -> bytes:
-        """The whole packets now available (possibly ``b""``)."""
-        return self.push((data,))
-
-    def push(self, spans: Sequence[Buffer]) -> bytes:
-        """The whole packets now available from the tail and ``spans``, as one ``bytes``."""
-        tail = self._tail
-        if not self._synced:
-            only = spans[0] if not tail and len(spans) == 1 else None
-            found = self._find_sync(only if type(only) is bytes else b"".join((tail, *spans)))
-            if not self._synced:
-                return b""
-            parts: List[Buffer] = [found]
-        elif tail:
-            parts = [tail, *spans]
-        else:
-            parts = list(spans)
-        total = 0
-        for part in parts:
-            total += len(part)
-        keep = total % PACKET_SIZE
-        if keep:
-            held: List[Buffer] = []
-            while keep:
-                last = parts.pop()
-                size = len(last)
-                if size <= keep:
-                    held.append(last)
-                    keep -= size
-                else:
-                    view = last if type(last) is memoryview else memoryview(last)
-                    held.append(view[size - keep :])
-                    parts.append(view[: size - keep])
-                    keep = 0
-            held.reverse()
-            self._tail = b"".join(held)
-        else:
-            self._tail = b""
-        if len(parts) == 1 and type(parts[0]) is bytes:
-            return parts[0]
-        return b"".join(parts)
-
-    def pending(self) -> int:
-        return len(self._tail)
-
-    def flush(self) -> bytes:
-        """Whatever is held back (a partial packet), e.g. at end of stream."""
-        tail, self._tail = self._tail, b""
-        return tail
-
-    def _find_sync(self, data: bytes) -> bytes:
-        """``data`` from the first confirmed sync byte on (synced), or b""
-        with the unconfirmed rest kept as the tail."""
-        self._tail = b""
-        start = 0
-        while True:
-            i = data.find(SYNC_BYTE, start)
-            if i < 0:
-                self.dropped += len(data)
-                return b""
-            nxt = i + PACKET_SIZE
-            if nxt >= len(data):
-                # Not enough data to confirm with a second sync byte.
-                self.dropped += i
-                if len(data) - i >= PACKET_SIZE:  # exactly one packet: accept it
-                    self._synced = True
-                    return data[i:] if i else data
-                self._tail = data[i:]
-                return b""
-            if data[nxt] == SYNC_BYTE:
-                self._synced = True
-                self.dropped += i
-                return data[i:] if i else data
-            start = i + 1
 
 
 class UpstreamListener(TypingProtocol):

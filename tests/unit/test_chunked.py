@@ -14,8 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from acexy_tw.streaming.chunked import ChunkedDecoder, DataLoss, MalformedChunkedData
-from acexy_tw.streaming.mpegts import PACKET_SIZE, PacketAligner
-from acexy_tw.streaming.upstream import SpanAligner
+from acexy_tw.streaming.mpegts import PACKET_SIZE, SpanAligner
 
 # --- helpers ---------------------------------------------------------------------------
 
@@ -400,9 +399,9 @@ def test_aligned_output_is_the_stream_for_any_reads_and_spans(n: int, junk: byte
     aligner = SpanAligner()
     out = push_all(aligner, reads)
     assert b"".join(out) + aligner.flush() == stream
-    # the same as the packet aligner it stands in for
-    reference = PacketAligner()
-    assert b"".join(reference.feed(b"".join(bytes(x) for x in r)) for r in reads) == b"".join(out)
+    # the same as when the whole stream arrives in one read: how it is cut never matters
+    whole = SpanAligner()
+    assert whole.feed(b"".join(bytes(x) for r in reads for x in r)) + whole.flush() == stream
 
 
 @settings(max_examples=200, deadline=None)
