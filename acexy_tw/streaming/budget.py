@@ -109,6 +109,7 @@ class BacklogBudget:
         self._freed = 0
         self._trimmed_at = float("-inf")
         self._later: Any = None
+        self._stopped = False
         self._enforcing = False
 
     def __repr__(self) -> str:
@@ -191,7 +192,7 @@ class BacklogBudget:
         wait = self._trimmed_at + self._trim_interval - self._clock.seconds()
         if wait <= 0:
             self._trim_now()
-        elif not self.total and self._later is None:
+        elif not self.total and self._later is None and not self._stopped:
             self._later = self._clock.callLater(wait, self._trim_later)
 
     def _trim_later(self) -> None:
@@ -210,7 +211,8 @@ class BacklogBudget:
             log.failure("malloc_trim failed")
 
     def stop(self) -> None:
-        """The proxy stops: no trim is left pending."""
+        """The proxy stops: no trim is left pending, nor armed later."""
+        self._stopped = True
         if self._later is not None and self._later.active():
             self._later.cancel()
         self._later = None

@@ -41,6 +41,9 @@ __all__ = ["ChunkedDecoder", "MalformedChunkedData", "DataLoss", "Buffer"]
 Buffer = Union[bytes, memoryview]
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+#: what chunk extensions (after ";") may hold: tab, visible ASCII, space and
+#: obs-text, as Twisted's decoder allows; never CR, LF or another control byte
+_EXTENSION = frozenset(b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)))
 
 
 class MalformedChunkedData(ValueError):
@@ -106,6 +109,27 @@ class ChunkedDecoder:
         if state == self.FINISHED:
             raise RuntimeError("ChunkedDecoder.dataReceived called after the last chunk")
         spans: List[Buffer] = []
+        try:
+            rest = self._decode(data, state, spans)
+        except BaseException:
+            self._deliver(data, spans)  # the good chunks of this read go on before the error, as Twisted's do
+            raise
+        self._deliver(data, spans)
+        if rest is not None:
+            self.dataCallback = None
+            self._spans_callback = None
+            self.finishCallback(rest)
+
+    def _deliver(self, data: bytes, spans: List[Buffer]) -> None:
+        if spans:
+            callback = self._spans_callback
+            if callback is not None:
+                callback(spans)
+            elif self.dataCallback is not None:
+                self.dataCallback(spans[0] if len(spans) == 1 and spans[0] is data else b"".join(spans))
+
+    def _decode(self, data: bytes, state: str, spans: List[Buffer]) -> Optional[bytes]:
+        """Decode one read into ``spans``; what follows the message, if it ended."""
         end = len(data)
         pos = 0
         view: Optional[memoryview] = None
@@ -165,16 +189,7 @@ class ChunkedDecoder:
                     rest = data[pos:]
                     break
         self.state = state
-        if spans:
-            callback = self._spans_callback
-            if callback is not None:
-                callback(spans)
-            elif self.dataCallback is not None:
-                self.dataCallback(spans[0] if len(spans) == 1 and spans[0] is data else b"".join(spans))
-        if rest is not None:
-            self.dataCallback = None
-            self._spans_callback = None
-            self.finishCallback(rest)
+        return rest
 
     def _check_partial_line(self, state: str) -> None:
         if state == self.CHUNK_LENGTH and len(self._carry) > self._max_line:
@@ -187,8 +202,9 @@ class ChunkedDecoder:
     def _chunk_size(self, line: bytes) -> int:
         if len(line) > self._max_line:
             raise self._malformed(f"chunk-size line longer than {self._max_line} bytes")
-        size = line.split(b";", 1)[0].rstrip(b" \t")
-        if not size or not _HEX.issuperset(size):
+        size, _, extensions = line.partition(b";")
+        size = size.rstrip(b" \t")
+        if not size or not _HEX.issuperset(size) or not _EXTENSION.issuperset(extensions):
             raise self._malformed(f"bad chunk-size {line[:40]!r}")
         return int(size, 16)
 

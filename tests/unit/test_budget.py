@@ -165,6 +165,10 @@ class TrimTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(5)
         self.assertEqual(self.trims, 1)
+        for _ in range(2):  # a release after stop() arms nothing either
+            h.queue(200)
+            h.drain(200)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_small_releases_do_not_trim(self) -> None:
         b = self.budget()

@@ -210,6 +210,8 @@ def test_a_read_of_framing_only_delivers_nothing() -> None:
         b"3\r\nabcX\r\n",  # data not followed by CRLF
         b"3\r\nabc\rX",  # CR then not LF
         b"3\r\nabc\r\n0\r\nT: 1\n",  # trailer ended by LF alone
+        b"3;a\rGET /x\r\nabc\r\n0\r\n\r\n",  # a bare CR inside an extension
+        b"3;a\x00b\r\nabc\r\n0\r\n\r\n",  # a control byte inside an extension
     ],
 )
 def test_malformed_bodies_raise_the_given_error(wire: bytes) -> None:
@@ -220,6 +222,20 @@ def test_malformed_bodies_raise_the_given_error(wire: bytes) -> None:
     d = sink.decoder(malformed=Bad)
     with pytest.raises(Bad):
         feed(d, wire, [])
+
+
+def test_extensions_of_visible_characters_are_ignored() -> None:
+    sink = Sink()
+    feed(sink.decoder(), b'3;name="v a";x=1\t\r\nabc\r\n0\r\n\r\n', [])
+    assert sink.body == b"abc"
+
+
+def test_the_good_chunks_of_a_read_go_on_before_its_error() -> None:
+    sink = Sink()
+    d = sink.decoder()
+    with pytest.raises(MalformedChunkedData):
+        d.dataReceived(b"5\r\nhello\r\n5\r\nworld\r\nzz\r\n")
+    assert sink.body == b"helloworld"  # as Twisted's decoder delivers them
 
 
 def test_a_size_line_past_the_limit_is_malformed_even_without_its_end() -> None:
