@@ -859,6 +859,7 @@ async def test_pool_hls_and_a_refused_stop_on_the_canned_status_at_both_widths(r
             assert "HTTP 501 this status server stops nothing" in message, message
             assert [r for r in proxy.requests if r.startswith("POST")] == [f"POST /ace/stop?id={KEY_HLS}"]
             assert await page.js("document.getElementById('note').className") == "box err"
-            assert await page.js("document.querySelector('table.streams tr.hls button.stop').disabled") is False
+            # the page refreshes after the answer, and the button is back
+            await page.until("document.querySelector('table.streams tr.hls button.stop').disabled === false", "the button back")
     finally:
         await cleanups.run(reactor)
